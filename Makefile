@@ -1,0 +1,47 @@
+# Every target runs inside .venv, created on first use from the exact pins.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA  ?=
+# Digits demo knobs (defaults give the numbers in the README).
+DIGITS_ROOT ?= $(CURDIR)/outputs/data/digits
+
+.PHONY: install test test-all demo ui worst report convert-market convert-cars convert-fruits clean
+
+$(STAMP): requirements.txt requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt -c requirements.lock
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install          ## fast suite (< 15 min on 2 cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install      ## everything, slow tests included
+	$(PY) -m pytest -q
+
+demo: install          ## real digits data: prepare, measure random init, train, validate
+	$(PY) scripts/prepare_digits.py --out $(DIGITS_ROOT)
+	$(PY) scripts/demo.py dataset.root=$(DIGITS_ROOT)
+
+ui: install            ## MLflow UI over the embedded store
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
+		--default-artifact-root $(CURDIR)/outputs/mlartifacts --host 127.0.0.1 --port 5000
+
+convert-market: install
+	@test -n "$(DATA)" || { echo "usage: make convert-market DATA=/path/to/Market-1501-v15.09.15"; exit 2; }
+	$(PY) converters/market1501.py "$(DATA)" $(if $(STRICT),--strict)
+
+convert-cars: install
+	@test -n "$(DATA)" || { echo "usage: make convert-cars DATA=/path/to/stanford_cars [PROTOCOL=metric|stanford]"; exit 2; }
+	$(PY) converters/cars196.py "$(DATA)" --protocol $(or $(PROTOCOL),metric) $(if $(STRICT),--strict)
+
+convert-fruits: install
+	@test -n "$(DATA)" || { echo "usage: make convert-fruits DATA=/path/to/fruits [QUERY=validation|test] [PROTOCOL=closed|open]"; exit 2; }
+	$(PY) converters/fruits.py "$(DATA)" --protocol $(or $(PROTOCOL),closed) --query $(or $(QUERY),validation) $(if $(STRICT),--strict)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

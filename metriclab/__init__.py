@@ -1,0 +1,1 @@
+"""metriclab: config-driven metric-learning experiments over OML, Lightning, Hydra and MLflow."""
