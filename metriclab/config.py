@@ -1,0 +1,61 @@
+"""Config helpers: the `repo_root` resolver, strict `_target_` instantiation with runtime kwargs, flattening.
+
+Hydra `_target_` instantiation is the only construction mechanism. Runtime-only values (labels for a sampler,
+the number of classes and the embedding size for a loss, parameters for an optimizer) are passed at build time,
+and only to targets whose signature declares them, so YAML never hard-codes them and an unknown key still fails.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Iterator, Tuple
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from metriclab.paths import REPO_ROOT
+
+if not OmegaConf.has_resolver("repo_root"):
+    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the key and says what to do."""
+
+
+def _signature_params(target: Any) -> Dict[str, inspect.Parameter]:
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature: pass nothing extra
+        return {}
+
+
+def build(node: DictConfig, key: str, **runtime: Any) -> Any:
+    """Instantiate `node` (its config key is `key`, used in errors) passing only the runtime kwargs its target
+    declares and the YAML does not already set."""
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"`{key}` needs a `_target_` (the class or function to build); got {node!r}")
+    try:
+        target = get_object(node._target_)
+    except Exception as e:  # hydra wraps import errors; keep the key in the message
+        raise ConfigError(f"`{key}._target_={node._target_}` cannot be imported: {e}") from e
+    params = _signature_params(target)
+    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in runtime.items() if (k in params or accepts_var_kw) and k not in node}
+    try:
+        return instantiate(node, **extra)
+    except InstantiationException as e:
+        raise ConfigError(f"`{key}` could not be built: {e}") from e
+
+
+def flatten(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """Yield `a.b.c -> value` pairs of a resolved config (lists are kept as one value)."""
+    if isinstance(cfg, (DictConfig, dict)):
+        items = cfg.items() if isinstance(cfg, dict) else cfg.items_ex(resolve=True)
+        for k, v in items:
+            yield from flatten(v, f"{prefix}{k}.")
+    elif isinstance(cfg, ListConfig):
+        yield prefix[:-1], OmegaConf.to_container(cfg, resolve=True)
+    else:
+        yield prefix[:-1], cfg

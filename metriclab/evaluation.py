@@ -1,0 +1,198 @@
+"""Validation: embeddings of the validation rows -> metrics, worst-query grids and their CSV.
+
+The metric engine is `metriclab.retrieval_metrics`; this module splits the rows into query and gallery, runs it,
+and draws what a person looks at.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are files
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from metriclab.data import ValidationData  # noqa: E402
+from metriclab.retrieval_metrics import RetrievalReport, evaluate_retrieval  # noqa: E402
+
+#: What "worst" means for each selectable metric: per-query column and whether lower is worse.
+WORST_BY = {"ap": "ap", "first_hit_rank": "first_hit_rank"}
+
+
+def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig) -> RetrievalReport:
+    """Metrics for validation embeddings in dataset row order (`cfg` = the `evaluation` node)."""
+    q = np.flatnonzero(data.is_query)
+    g = np.flatnonzero(data.is_gallery)
+    emb = embeddings.float()
+    seq = data.sequences
+    cats = data.categories
+    return evaluate_retrieval(
+        emb[q], emb[g], data.labels[q], data.labels[g],
+        query_ids=q, gallery_ids=g,
+        query_sequences=None if seq is None else seq[q],
+        gallery_sequences=None if seq is None else seq[g],
+        query_categories=None if cats is None else cats[q],
+        cmc_top_k=tuple(cfg.cmc_top_k), map_top_k=tuple(cfg.map_top_k),
+        precision_top_k=tuple(cfg.precision_top_k), knn_top_k=tuple(cfg.knn_top_k),
+        pcf_variance=tuple(cfg.pcf_variance), distance=cfg.distance,
+        keep_top_k=int(cfg.grid_top_k), backend=cfg.backend,
+    )
+
+
+def select_worst_queries(report: RetrievalReport, n: int) -> pd.DataFrame:
+    """The n valid queries with the lowest AP; ties go to the later first true match, then the query index."""
+    pq = report.per_query
+    valid = pq[pq["valid"]].copy()
+    valid["_rank_key"] = valid["first_hit_rank"].where(valid["first_hit_rank"] > 0, np.iinfo(np.int64).max)
+    worst = valid.sort_values(["ap", "_rank_key", "query_index"], ascending=[True, False, True]).head(n)
+    return worst.drop(columns="_rank_key")
+
+
+def _read_tile(path: Path, size: int = 128) -> np.ndarray:
+    img = Image.open(path).convert("RGB")
+    img.thumbnail((size, size))
+    return np.asarray(img)
+
+
+def _atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+
+
+def _missed_true_matches(
+    report: RetrievalReport, qi: int, data: ValidationData, embeddings: torch.Tensor, n_missed: int
+) -> List[Tuple[int, float]]:
+    """True matches of query qi that are not in its shown top-k (excluded pairs left out), nearest first."""
+    q_rows, g_rows = np.flatnonzero(data.is_query), np.flatnonzero(data.is_gallery)
+    q_row = q_rows[qi]
+    labels, seq = data.labels, data.sequences
+    true = (labels[g_rows] == labels[q_row]) & (g_rows != q_row)
+    if seq is not None:
+        true &= seq[g_rows] != seq[q_row]
+    shown = set(report.topk_ids[qi][report.topk_ids[qi] >= 0].tolist())
+    cand = [j for j in np.flatnonzero(true) if j not in shown]
+    if not cand:
+        return []
+    e = embeddings.float()
+    d = _pair_distance(e[q_row][None], e[g_rows[cand]], report.distance)
+    order = np.argsort(d, kind="stable")[:n_missed]
+    return [(int(cand[i]), float(d[i])) for i in order]
+
+
+def _pair_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> np.ndarray:
+    if distance == "cosine":
+        return (1 - torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T)[0].numpy()
+    return torch.cdist(a, b)[0].numpy()
+
+
+def draw_worst_queries(
+    report: RetrievalReport,
+    data: ValidationData,
+    embeddings: torch.Tensor,
+    out_png: Path,
+    n_queries: int = 5,
+    n_missed: int = 2,
+    title: str = "",
+) -> Optional[pd.DataFrame]:
+    """Grid: each row is a query, its top-k gallery images, then true matches it missed. Returns the rows drawn."""
+    worst = select_worst_queries(report, n_queries)
+    if worst.empty:
+        return None
+    q_rows, g_rows = np.flatnonzero(data.is_query), np.flatnonzero(data.is_gallery)
+    k = report.topk_ids.shape[1]
+    n_cols = 1 + k + n_missed
+    fig, axes = plt.subplots(len(worst), n_cols, figsize=(1.9 * n_cols, 2.3 * len(worst) + 0.6), squeeze=False)
+    paths, labels = data.paths, data.labels
+
+    def tile(ax, row: int, caption: str, color: str) -> None:
+        ax.imshow(_read_tile(data.root / paths[row]))
+        ax.set_title(caption, fontsize=6.5, color="black")
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(4)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for r, (_, q) in enumerate(worst.iterrows()):
+        qi = int(q["query_index"])
+        q_row = q_rows[qi]
+        for ax in axes[r]:
+            ax.axis("off")
+        axes[r][0].axis("on")
+        rank = int(q["first_hit_rank"])
+        tile(axes[r][0], q_row, f"QUERY label {labels[q_row]}\n{Path(paths[q_row]).name}\n"
+             f"AP {q['ap']:.3f}, 1st hit {rank if rank else '-'}", "blue")
+        for c in range(k):
+            j = int(report.topk_ids[qi, c])
+            if j < 0:
+                continue
+            g_row = g_rows[j]
+            ok = labels[g_row] == labels[q_row]
+            axes[r][1 + c].axis("on")
+            tile(axes[r][1 + c], g_row, f"#{c + 1} label {labels[g_row]}\n{Path(paths[g_row]).name}\n"
+                 f"d={report.topk_distances[qi, c]:.3f}", "green" if ok else "red")
+        for c, (j, dist) in enumerate(_missed_true_matches(report, qi, data, embeddings, n_missed)):
+            g_row = g_rows[j]
+            axes[r][1 + k + c].axis("on")
+            tile(axes[r][1 + k + c], g_row, f"MISSED label {labels[g_row]}\n{Path(paths[g_row]).name}\n"
+                 f"d={dist:.3f}", "gray")
+    fig.suptitle(f"{title}\n{len(worst)} worst queries by AP (lowest AP first; ties: later first true match). "
+                 f"Green = right, red = wrong, gray = true matches missed from the top {k}. "
+                 f"Distance: {report.distance}", fontsize=8)
+    fig.tight_layout()
+    _atomic_savefig(fig, out_png)
+    plt.close(fig)
+    return worst
+
+
+def worst_queries_table(worst: pd.DataFrame, data: ValidationData) -> pd.DataFrame:
+    q_rows = np.flatnonzero(data.is_query)
+    rows = q_rows[worst["query_index"].to_numpy()]
+    return pd.DataFrame({
+        "query_index": worst["query_index"].to_numpy(),
+        "path": data.paths[rows],
+        "label": data.labels[rows],
+        "first_hit_rank": worst["first_hit_rank"].to_numpy(),
+        "ap": worst["ap"].to_numpy(),
+    })
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def save_worst_queries(
+    report: RetrievalReport, data: ValidationData, embeddings: torch.Tensor, out_dir: Path, cfg: DictConfig,
+    title: str = "",
+) -> List[Path]:
+    """`out_dir/worst_queries.png` + `worst_queries.csv`; returns the files written (none if no valid query)."""
+    png, csv = out_dir / "worst_queries.png", out_dir / "worst_queries.csv"
+    worst = draw_worst_queries(report, data, embeddings, png, int(cfg.worst_queries), int(cfg.grid_missed), title)
+    if worst is None:
+        return []
+    write_csv_atomic(worst_queries_table(worst, data), csv)
+    return [png, csv]
+
+
+def format_metrics_table(metrics: Dict[str, Any]) -> str:
+    width = max(len(k) for k in metrics) if metrics else 0
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for k in sorted(metrics):
+        v = metrics[k]
+        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)

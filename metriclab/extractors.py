@@ -1,0 +1,77 @@
+"""Build OML extractors from config (with checks OML does not make) and load their weights from our checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metriclab.config import ConfigError, build
+
+#: Keys of the `extractor` group that configure training, not the extractor's constructor.
+TRAINING_KEYS = ("freeze_bn", "trainable")
+
+
+def extractor_constructor_cfg(node: DictConfig) -> DictConfig:
+    """The constructor part of the `extractor` node (training keys removed)."""
+    cfg = OmegaConf.to_container(node, resolve=True)
+    for key in TRAINING_KEYS:
+        cfg.pop(key, None)
+    return OmegaConf.create(cfg)
+
+
+def build_extractor(node: DictConfig, key: str = "extractor") -> torch.nn.Module:
+    cfg = extractor_constructor_cfg(node)
+    try:
+        from hydra.utils import get_class
+
+        cls = get_class(cfg._target_)
+    except Exception as e:
+        raise ConfigError(f"`{key}._target_={cfg.get('_target_')}` cannot be imported: {e}") from e
+    archs = getattr(cls, "constructors", None)
+    if "arch" in cfg and isinstance(archs, dict) and cfg.arch not in archs:  # OML asserts with no message
+        raise ConfigError(f"`{key}.arch={cfg.arch}` is not supported by {cls.__name__}; choose one of {sorted(archs)}")
+    weights = cfg.get("weights")
+    zoo = getattr(cls, "pretrained_models", {}) or {}
+    if isinstance(weights, str) and weights not in zoo and not Path(weights).is_file():
+        raise ConfigError(f"`{key}.weights={weights}` is neither a zoo key of {cls.__name__} ({sorted(zoo)}) nor an "
+                          f"existing file; use one of those, a checkpoint path, or `{key}.weights=null` (random init)")
+    try:
+        return build(cfg, key)
+    except ConfigError as e:
+        if isinstance(weights, str) and weights in zoo:
+            raise ConfigError(f"`{key}.weights={weights}`: the pretrained weights could not be loaded ({e}). They "
+                              f"are downloaded on first use: without network, put a local checkpoint path in "
+                              f"`{key}.weights` or use `{key}.weights=null`") from e
+        raise
+
+
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Load a checkpoint safely (weights only where torch allows); a non-checkpoint file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a checkpoint torch can load (weights-only): {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def extractor_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The extractor's weights from one of our Lightning checkpoints, or from a plain extractor state dict."""
+    sd = ckpt.get("state_dict", ckpt)
+    if any(k.startswith("extractor.") for k in sd):  # our LightningModule: drop the loss's own weights
+        return {k[len("extractor."):]: v for k, v in sd.items() if k.startswith("extractor.")}
+    return sd
+
+
+def load_extractor_weights(extractor: torch.nn.Module, path: str | Path) -> Dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    sd = extractor_state_dict(ckpt)
+    missing, unexpected = extractor.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path} does not match the configured extractor: missing keys {missing[:5]}, unexpected "
+                          f"keys {unexpected[:5]}. Use the same `extractor` config as the training run")
+    return ckpt

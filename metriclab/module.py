@@ -1,0 +1,145 @@
+"""The LightningModule: an OML extractor trained with a metric-learning criterion, validated on query/gallery."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metriclab.data import ValidationData
+from metriclab.evaluation import evaluate_validation, save_worst_queries
+from metriclab.tracking import TrackedRun, write_json_atomic
+
+
+class MetricLearningModule(pl.LightningModule):
+    def __init__(
+        self,
+        extractor: torch.nn.Module,
+        criterion: torch.nn.Module,
+        optimizer_factory: Optional[Callable[..., torch.optim.Optimizer]],
+        val_data: ValidationData,
+        eval_cfg: DictConfig,
+        scheduler_factory: Optional[Callable[..., Any]] = None,
+        tracked: Optional[TrackedRun] = None,
+        run_dir: Optional[Path] = None,
+        checkpoint_extra: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        self.extractor = extractor
+        self.criterion = criterion
+        self.optimizer_factory = optimizer_factory
+        self.scheduler_factory = scheduler_factory
+        self.val_data = val_data
+        self.eval_cfg = eval_cfg
+        self.tracked = tracked
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.last_metrics: Dict[str, float] = {}
+        self.last_report = None
+        self._val_outputs: List[tuple] = []
+        self._train_sums: Dict[str, float] = defaultdict(float)
+        self._train_batches = 0
+        self.val_epoch_offset = 0  # validate.py: the epoch of the evaluated checkpoint, for step and folder names
+        self.val_tag: Optional[str] = None  # "init": the pass before training, logged as init/<metric>
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        embeddings = self.extractor(batch["input_tensors"])
+        loss = self.criterion(embeddings, batch["labels"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}: lower "
+                                     f"the learning rate or check the criterion/miner config")
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(embeddings))
+        self._train_sums["train/loss"] += float(loss.detach())
+        for k, v in (getattr(self.criterion, "last_logs", None) or {}).items():
+            self._train_sums[f"train/{k}"] += float(v)
+        self._train_batches += 1
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums.clear()
+        self._train_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        if not self._train_batches or self.tracked is None or not self.trainer.is_global_zero:
+            return
+        metrics = {k: v / self._train_batches for k, v in self._train_sums.items()}
+        for i, group in enumerate(self.trainer.optimizers[0].param_groups):
+            metrics[f"lr/{group.get('name', i)}"] = group["lr"]
+        self.tracked.log_metrics(metrics, step=self.current_epoch)
+
+    def configure_optimizers(self):
+        groups = [
+            {"name": "extractor", "params": [p for p in self.extractor.parameters() if p.requires_grad]},
+            {"name": "criterion", "params": [p for p in self.criterion.parameters() if p.requires_grad]},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        extract = getattr(self.extractor, "extract", self.extractor)
+        embeddings = extract(batch["input_tensors"])
+        self._val_outputs.append((batch["idx"].detach(), embeddings.detach().float()))
+
+    def _gather_embeddings(self) -> torch.Tensor:
+        idx = torch.cat([i for i, _ in self._val_outputs])
+        emb = torch.cat([e for _, e in self._val_outputs])
+        if self.trainer.world_size > 1:  # every rank gets every row; the distributed sampler pads with repeats
+            idx = self.all_gather(idx).reshape(-1)
+            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
+        n = len(self.val_data.df)
+        out = torch.full((n, emb.shape[-1]), float("nan"), dtype=torch.float32)
+        out[idx.cpu()] = emb.cpu()
+        missing = torch.isnan(out).any(dim=1)
+        if missing.any():
+            raise RuntimeError(f"validation produced no embedding for {int(missing.sum())} of {n} rows")
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        embeddings = self._gather_embeddings()
+        self._val_outputs = []
+        report = evaluate_validation(embeddings, self.val_data, self.eval_cfg)
+        metrics = {k: float(v) for k, v in report.metrics.items()}
+        self.last_metrics, self.last_report, self.last_embeddings = metrics, report, embeddings
+        # every rank logs the same values: checkpointing may monitor them on any rank
+        self.log_dict({f"val/{k}": v for k, v in metrics.items() if not math.isnan(v)}, logger=False)
+        if not self.trainer.is_global_zero:
+            return
+        epoch = self.current_epoch + self.val_epoch_offset
+        prefix, folder = (self.val_tag, self.val_tag) if self.val_tag else ("val", f"epoch_{epoch:03d}")
+        if self.tracked is not None:
+            self.tracked.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
+        if self.run_dir is not None:
+            write_json_atomic(self.run_dir / ("metrics.json" if not self.val_tag else f"metrics_{self.val_tag}.json"),
+                              metrics)
+            out_dir = self.run_dir / "worst_queries" / folder
+            files = save_worst_queries(report, self.val_data, embeddings, out_dir, self.eval_cfg,
+                                       title=folder.replace("_", " "))
+            if self.tracked is not None:
+                for f in files:
+                    self.tracked.log_artifact(f, f"worst_queries/{folder}")
+
+    # -------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # enough to rebuild the extractor and to resume into the same tracker run
+        checkpoint["metriclab"] = {
+            **self.checkpoint_extra,
+            "mlflow_run_id": self.tracked.mlflow_run_id if self.tracked else None,
+        }

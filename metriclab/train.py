@@ -1,0 +1,142 @@
+"""`train(cfg)`: the whole experiment from a composed config, tracked as one run."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from metriclab.config import ConfigError, build
+from metriclab.data import build_train_data, build_validation_data, read_dataset_csv
+from metriclab.evaluation import format_metrics_table
+from metriclab.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
+from metriclab.module import MetricLearningModule
+from metriclab.tracking import tracked_run, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def job_identity(cfg: DictConfig) -> Tuple[Path, str, List[str]]:
+    """Run dir, run name `<config-name>-<timestamp>[-<job number>]` and the command-line overrides."""
+    run_dir = Path(cfg.paths.run_dir)
+    config_name = cfg.get("config_name")
+    overrides: List[str] = []
+    suffix = ""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        config_name = config_name or hc.job.config_name
+        overrides = list(hc.overrides.task)
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            suffix = f"-{hc.job.num}"
+    except ValueError:  # not started by @hydra.main (tests, notebooks): the config carries what we need
+        pass
+    return run_dir, f"{config_name or cfg.task}-{cfg.timestamp}{suffix}", overrides
+
+
+def expected_metric_keys(eval_cfg: DictConfig) -> List[str]:
+    keys = ["mAP", "mINP"]
+    keys += [f"cmc@{k}" for k in eval_cfg.cmc_top_k] + [f"map@{k}" for k in eval_cfg.map_top_k]
+    keys += [f"precision@{k}" for k in eval_cfg.precision_top_k] + [f"knn_accuracy@{k}" for k in eval_cfg.knn_top_k]
+    return keys
+
+
+def resolve_resume(cfg: DictConfig) -> Tuple[Optional[Path], Optional[str]]:
+    """`resume=<run dir>` or `ckpt_path=<file>` -> (checkpoint, MLflow run id stored in it)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume"):
+        ckpt_path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        if not ckpt_path.is_file():
+            raise ConfigError(f"resume={cfg.resume}: {ckpt_path} does not exist (a run keeps last.ckpt after its "
+                              f"first epoch); pass the run directory of a training run")
+    if not ckpt_path:
+        return None, None
+    ckpt = load_checkpoint(ckpt_path)
+    return Path(ckpt_path), (ckpt.get("metriclab") or {}).get("mlflow_run_id")
+
+
+def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, DataLoader, Any]:
+    sampler = None
+    if cfg.get("sampler") is not None:
+        sampler = build(cfg.sampler, "sampler", labels=train_data.labels.tolist(),
+                        label2category=train_data.label2category)
+    if sampler is not None:
+        train_loader = DataLoader(train_data.dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+    else:  # plain shuffled batches (classification losses do not need n x k batches)
+        train_loader = DataLoader(train_data.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=cfg.num_workers)
+    if len(train_loader) == 0:
+        raise ConfigError(f"the train loader yields no batch: {len(train_data.dataset)} train images are too few "
+                          f"for the sampler/batch size; lower `sampler.n_labels`/`sampler.n_instances`/`batch_size`")
+    val_loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
+                            num_workers=cfg.num_workers)
+    return train_loader, val_loader, sampler
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    """Train and validate every epoch; returns run dir, checkpoints, last metrics and the tracker run id."""
+    run_dir, run_name, overrides = job_identity(cfg)
+    if cfg.metric_for_checkpointing not in expected_metric_keys(cfg.evaluation):
+        raise ConfigError(f"metric_for_checkpointing={cfg.metric_for_checkpointing} is not computed; choose one of "
+                          f"{expected_metric_keys(cfg.evaluation)}")
+    ckpt_path, resume_run_id = resolve_resume(cfg)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    with tracked_run(cfg, run_dir, run_name, overrides, resume_run_id) as tracked:
+        df = read_dataset_csv(cfg.dataset.root, cfg.dataset.csv)
+        root = Path(cfg.dataset.root)
+        train_tf = build(cfg.transforms.train, "transforms.train")
+        val_tf = build(cfg.transforms.val, "transforms.val")
+        train_data = build_train_data(df, root, train_tf, cfg.dataset.cache_size)
+        val_data = build_validation_data(df, root, val_tf, cfg.dataset.cache_size)
+        log.info("train: %d images, %d classes; validation: %d queries, %d gallery", len(train_data.dataset),
+                 train_data.n_classes, int(val_data.is_query.sum()), int(val_data.is_gallery.sum()))
+
+        extractor = build_extractor(cfg.extractor)
+        emb_size = int(extractor.feat_dim)
+        criterion = build(cfg.criterion, "criterion", num_classes=train_data.n_classes, embedding_size=emb_size,
+                          in_features=emb_size, label2category=train_data.label2category)
+        train_loader, val_loader, _ = build_loaders(cfg, train_data, val_data)
+        optimizer_factory = build(cfg.optimizer, "optimizer")
+        scheduler_factory = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+
+        module = MetricLearningModule(
+            extractor, criterion, optimizer_factory, val_data, cfg.evaluation,
+            scheduler_factory=scheduler_factory, tracked=tracked, run_dir=run_dir,
+            checkpoint_extra={"extractor_cfg": OmegaConf.to_container(extractor_constructor_cfg(cfg.extractor)),
+                              "run_dir": str(run_dir)},
+        )
+        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                                     monitor=f"val/{cfg.metric_for_checkpointing}", mode=cfg.mode_for_checkpointing,
+                                     save_top_k=1, save_last=True, auto_insert_metric_name=False)
+        trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False,
+                                    callbacks=[checkpoint], default_root_dir=str(run_dir))
+        init_metrics = None
+        if cfg.get("validate_before_training") and ckpt_path is None:
+            module.val_tag = "init"  # the untrained model's numbers, for the before/after comparison
+            trainer.validate(module, val_loader, verbose=False)
+            init_metrics, module.val_tag = module.last_metrics, None
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+
+        metrics = module.last_metrics
+        if trainer.is_global_zero and metrics:
+            print(f"\nvalidation after epoch {trainer.current_epoch - 1} ({run_name}):\n"
+                  f"{format_metrics_table(metrics)}\nrun dir: {run_dir}")
+            tracked.log_artifact(run_dir / "metrics.json")
+        return {
+            "run_dir": run_dir,
+            "best_ckpt": checkpoint.best_model_path or None,
+            "last_ckpt": checkpoint.last_model_path or None,
+            "metrics": metrics,
+            "init_metrics": init_metrics,
+            "mlflow_run_id": tracked.mlflow_run_id,
+            "run_name": run_name,
+        }

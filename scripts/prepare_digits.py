@@ -1,0 +1,25 @@
+"""Write scikit-learn's digits as PNGs in the fruit-folder layout and convert them to OML's CSV."""
+import argparse
+import sys
+from pathlib import Path
+
+from converters.common import write_csv_atomically
+from converters.fruits import build_fruits_dataframe
+from metriclab.digits import write_digits_folders
+from metriclab.paths import OUTPUTS_DIR
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / "data" / "digits", help="dataset folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified 60/20/20 split")
+    args = parser.parse_args(argv)
+    counts = write_digits_folders(args.out, seed=args.seed)
+    df = build_fruits_dataframe(args.out, protocol="closed", query_split="validation")
+    write_csv_atomically(df, args.out / "dataset.csv", args.out)
+    print(f"digits: {counts} images -> {args.out / 'dataset.csv'} ({len(df)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""train(cfg) / validate(cfg) end to end on a tiny real-image dataset: one clean MLflow run each."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from metriclab.config import ConfigError
+from metriclab.train import train
+from metriclab.validate import validate
+from tests.conftest import compose_cfg, fast_overrides
+
+TRAIN_OVERRIDES = ["criterion=triplet_hard", "sampler=balance", "sampler.n_labels=4", "sampler.n_instances=3",
+                   "trainer.max_epochs=2", "optimizer.lr=1e-3"]
+
+
+def _client(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+
+
+def _only_run(client: MlflowClient):
+    runs = client.search_runs(client.search_experiments()[0].experiment_id if False else
+                              [e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_train_then_validate_one_clean_run_each(tmp_path, tiny_dataset):
+    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES + ["config_name=tiny"])
+    result = train(cfg)
+    client = _client(tmp_path)
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"tiny-{cfg.timestamp}"
+    assert run.data.tags["config_name"] == "tiny" and run.data.tags["dataset"] == "data"
+    assert run.data.tags["git_commit"] and run.data.tags["version.torch"].startswith("2.14.1")
+    assert run.data.params["criterion._target_"] == "oml.losses.TripletLossWithMiner"
+    assert run.data.params["trainer.max_epochs"] == "2"
+    # metrics logged with step = epoch
+    history = client.get_metric_history(run.info.run_id, "val/mAP")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [0, 1]
+    last = {m.step: m.value for m in history}[1]
+    assert last == pytest.approx(result["metrics"]["mAP"])
+    assert 0.0 < result["metrics"]["mAP"] <= 1.0
+    # artifacts: config, metrics.json, one grid per epoch (never overwritten), no source dumps
+    arts = _artifacts(client, run.info.run_id)
+    assert {"config/config.yaml", "config/overrides.yaml", "metrics.json",
+            "worst_queries/epoch_000/worst_queries.png", "worst_queries/epoch_001/worst_queries.png",
+            "worst_queries/epoch_001/worst_queries.csv"} <= arts
+    assert not any(a.startswith("code") for a in arts)
+    saved = json.loads((result["run_dir"] / "metrics.json").read_text())
+    assert saved == pytest.approx(result["metrics"])
+    assert Path(result["best_ckpt"]).name == "best.ckpt" and Path(result["last_ckpt"]).name == "last.ckpt"
+
+    # validate the best checkpoint: same numbers as the epoch it was saved at
+    best_value = max(m.value for m in history)
+    vcfg = compose_cfg("validate", fast_overrides(tmp_path, tiny_dataset) +
+                       [f"ckpt={result['best_ckpt']}", f"paths.run_dir={tmp_path}/val"])
+    vres = validate(vcfg)
+    assert vres["metrics"]["mAP"] == pytest.approx(best_value, abs=1e-6)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    vrun = client.get_run(vres["mlflow_run_id"])
+    assert vrun.data.metrics["val/mAP"] == pytest.approx(best_value, abs=1e-6)
+    assert json.loads((tmp_path / "val" / "metrics.json").read_text())["mAP"] == pytest.approx(best_value, abs=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("extractor.arch=resnet999", "extractor.arch=resnet999"),
+    ("dataset.csv=missing.csv", "missing.csv does not exist"),
+    ("metric_for_checkpointing=cmc@3", None),  # rejected before any run exists
+    ("criterion.marginn=0.1", "marginn"),
+])
+def test_failures_name_the_problem_and_leave_no_running_run(tmp_path, tiny_dataset, override, message):
+    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES + [
+        override if not override.startswith("criterion.marginn") else "+criterion.marginn=0.1"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    if message:
+        assert message in str(err.value)
+    db = tmp_path / "outputs" / "mlflow.db"
+    if message is None:
+        assert "cmc@3" in str(err.value)
+        return
+    runs = _client(tmp_path).search_runs([e.experiment_id for e in _client(tmp_path).search_experiments()])
+    assert db.exists() and len(runs) == 1 and runs[0].info.status == "FAILED"
