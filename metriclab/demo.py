@@ -31,7 +31,7 @@ def run_demo(cfg: DictConfig) -> Dict[str, Any]:
     before, after = trained["init_metrics"], validated["metrics"]
     rows = [k for k in HEADLINE if k in after] + sorted(k for k in after if k not in HEADLINE and "/" not in k)
     lines = [f"{'metric':<16} {'random init':>12} {'trained':>10}", "-" * 40]
-    lines += [f"{k:<16} {before[k]:>12.4f} {after[k]:>10.4f}" for k in rows]
+    lines += [f"{k:<16} {before[k]:>12.4f} {after[k]:>10.4f}" for k in rows if not k.startswith("n_")]
     table = "\n".join(lines)
     print(f"\nDigits demo: {int(after['n_queries'])} queries vs the train gallery, best checkpoint "
           f"{trained['best_ckpt']}\n{table}")

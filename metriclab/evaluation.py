@@ -114,6 +114,8 @@ def draw_worst_queries(
     n_cols = 1 + k + n_missed
     fig, axes = plt.subplots(len(worst), n_cols, figsize=(1.9 * n_cols, 2.3 * len(worst) + 0.6), squeeze=False)
     paths, labels = data.paths, data.labels
+    # a converter's `class_name` column reads better than the integer label
+    names = data.df["class_name"].astype(str).to_numpy() if "class_name" in data.df.columns else labels.astype(str)
 
     def tile(ax, row: int, caption: str, color: str) -> None:
         ax.imshow(_read_tile(data.root / paths[row]))
@@ -131,7 +133,7 @@ def draw_worst_queries(
             ax.axis("off")
         axes[r][0].axis("on")
         rank = int(q["first_hit_rank"])
-        tile(axes[r][0], q_row, f"QUERY label {labels[q_row]}\n{Path(paths[q_row]).name}\n"
+        tile(axes[r][0], q_row, f"QUERY {names[q_row]}\n{Path(paths[q_row]).name}\n"
              f"AP {q['ap']:.3f}, 1st hit {rank if rank else '-'}", "blue")
         for c in range(k):
             j = int(report.topk_ids[qi, c])
@@ -140,12 +142,12 @@ def draw_worst_queries(
             g_row = g_rows[j]
             ok = labels[g_row] == labels[q_row]
             axes[r][1 + c].axis("on")
-            tile(axes[r][1 + c], g_row, f"#{c + 1} label {labels[g_row]}\n{Path(paths[g_row]).name}\n"
+            tile(axes[r][1 + c], g_row, f"#{c + 1} {names[g_row]}\n{Path(paths[g_row]).name}\n"
                  f"d={report.topk_distances[qi, c]:.3f}", "green" if ok else "red")
         for c, (j, dist) in enumerate(_missed_true_matches(report, qi, data, embeddings, n_missed)):
             g_row = g_rows[j]
             axes[r][1 + k + c].axis("on")
-            tile(axes[r][1 + k + c], g_row, f"MISSED label {labels[g_row]}\n{Path(paths[g_row]).name}\n"
+            tile(axes[r][1 + k + c], g_row, f"MISSED {names[g_row]}\n{Path(paths[g_row]).name}\n"
                  f"d={dist:.3f}", "gray")
     fig.suptitle(f"{title}\n{len(worst)} worst queries by AP (lowest AP first; ties: later first true match). "
                  f"Green = right, red = wrong, gray = true matches missed from the top {k}. "
@@ -194,5 +196,6 @@ def format_metrics_table(metrics: Dict[str, Any]) -> str:
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for k in sorted(metrics):
         v = metrics[k]
-        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        is_count = k.startswith("n_") and float(v).is_integer()
+        lines.append(f"{k:<{width}}  {int(v)}" if is_count else f"{k:<{width}}  {v:.4f}")
     return "\n".join(lines)

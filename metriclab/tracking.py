@@ -206,6 +206,9 @@ def tracked_run(
     }
     client, run_id = None, None
     status = "FAILED"
+    # PL's MLFlowLogger calls mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI for the whole process:
+    # put both back afterwards so the next job in this process reads its own config
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with _sigterm_raises():
         try:
             loggers: List[Logger] = []
@@ -243,3 +246,14 @@ def tracked_run(
                 if not isinstance(lg, MLFlowLogger):
                     with contextlib.suppress(Exception):
                         lg.finalize("success" if status == "FINISHED" else "failed")
+            _restore_tracking_uri(env_uri)
+
+
+def _restore_tracking_uri(env_uri: Optional[str]) -> None:
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    tracking_utils._tracking_uri = None  # the process-wide default set by mlflow.set_tracking_uri
+    if env_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env_uri

@@ -55,7 +55,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         if not metrics:
             raise ConfigError("validation produced no metrics")
         if trainer.is_global_zero:
-            print(f"\n{run_name} on {cfg.dataset.root} ({'ckpt ' + str(cfg.ckpt) if cfg.get('ckpt') else 'weights '
-                  + str(extractor_cfg.get('weights'))}):\n{format_metrics_table(metrics)}\nrun dir: {run_dir}")
+            source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor_cfg.get('weights')}"
+            print(f"\n{run_name} on {cfg.dataset.root} ({source}):\n{format_metrics_table(metrics)}\nrun dir: {run_dir}")
             tracked.log_artifact(run_dir / "metrics.json")
         return {"run_dir": run_dir, "metrics": metrics, "mlflow_run_id": tracked.mlflow_run_id, "run_name": run_name}

@@ -4,7 +4,8 @@ import sys
 from pathlib import Path
 
 from converters.common import write_csv_atomically
-from converters.fruits import build_fruits_dataframe
+from converters.common import summarize
+from converters.fruits import convert_fruits
 from metriclab.digits import write_digits_folders
 from metriclab.paths import OUTPUTS_DIR
 
@@ -15,9 +16,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified 60/20/20 split")
     args = parser.parse_args(argv)
     counts = write_digits_folders(args.out, seed=args.seed)
-    df = build_fruits_dataframe(args.out, protocol="closed", query_split="validation")
-    write_csv_atomically(df, args.out / "dataset.csv", args.out)
-    print(f"digits: {counts} images -> {args.out / 'dataset.csv'} ({len(df)} rows)")
+    conversion = convert_fruits(args.out, protocol="closed", query="validation")  # the user-folder path
+    write_csv_atomically(conversion.df, args.out / "dataset.csv", args.out)
+    print(f"digits: {counts} images written to {args.out}")
+    print(summarize(conversion))
     return 0
 
 

@@ -70,6 +70,6 @@ def test_multirun_gives_one_finished_run_per_job(tmp_path, tiny_dataset):
     _, runs = _runs(tmp_path)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.params["criterion._target_"] for r in runs} == {"oml.losses.TripletLossWithMiner",
-                                                                  "oml.losses.ArcFaceLoss"}
+                                                                  "metriclab.losses.ArcFaceLoss"}
     assert len({r.info.run_name for r in runs}) == 2
     assert all(r.info.run_name.startswith("sweep-") for r in runs)
