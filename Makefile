@@ -33,7 +33,7 @@ ui: install            ## MLflow UI over the embedded store
 
 convert-market: install
 	@test -n "$(DATA)" || { echo "usage: make convert-market DATA=/path/to/Market-1501-v15.09.15"; exit 2; }
-	$(PY) converters/market1501.py "$(DATA)" $(if $(STRICT),--strict)
+	$(PY) converters/market1501.py "$(DATA)" $(if $(STRICT),--strict) $(if $(SKIP_BAD),--skip-bad)
 
 convert-cars: install
 	@test -n "$(DATA)" || { echo "usage: make convert-cars DATA=/path/to/stanford_cars [PROTOCOL=metric|stanford]"; exit 2; }

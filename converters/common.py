@@ -1,0 +1,292 @@
+"""Shared pieces of the dataset converters: report, format checks, summary, atomic CSV write, CLI runner.
+
+Every converter is a function ``folder -> Conversion`` (a DataFrame in OML's format plus a report of
+what was skipped and why) and a small CLI built with :func:`run_cli`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from oml.const import (
+    BBOXES_COLUMNS,
+    IS_GALLERY_COLUMN,
+    IS_QUERY_COLUMN,
+    LABELS_COLUMN,
+    PATHS_COLUMN,
+    SEQUENCE_COLUMN,
+    SPLIT_COLUMN,
+    X1_COLUMN,
+    X2_COLUMN,
+    Y1_COLUMN,
+    Y2_COLUMN,
+)
+from oml.utils.dataframe_format import check_retrieval_dataframe_format
+
+TRAIN = "train"
+VALIDATION = "validation"
+DEFAULT_CSV_NAME = "dataset.csv"
+# torchvision's ImageFolder list (lower case); extensions are compared case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# How many offending paths an error or summary line names before it says "and N more".
+MAX_LISTED = 10
+
+
+class ConversionError(ValueError):
+    """The input folder cannot be converted; the message names the file/key and what to do."""
+
+
+@dataclass
+class ConversionReport:
+    """What a converter skipped (reason -> items), noticed (notes) and doubts (warnings)."""
+
+    dataset: str
+    label_noun: str = "labels"
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, item: str) -> None:
+        self.skipped[reason].append(item)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def n_skipped(self, reason: str) -> int:
+        return len(self.skipped.get(reason, ()))
+
+
+@dataclass
+class Conversion:
+    df: pd.DataFrame
+    report: ConversionReport
+    dataset_root: Path
+
+
+def list_some(items: Sequence[str], limit: int = MAX_LISTED) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f" ... and {len(items) - limit:,} more" if len(items) > limit else "")
+
+
+def rel_posix(path: Path, root: Path) -> str:
+    """Path relative to the dataset root with forward slashes, as OML joins it to ``dataset_root``."""
+    return path.relative_to(root).as_posix()
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    sha1: str
+    width: int
+    height: int
+    mode: str
+    format: str
+    extension_matches: bool  # False e.g. for PNG bytes behind a .jpg name (both OML readers sniff content)
+
+
+def inspect_image(path: Path) -> ImageInfo:
+    """Read the file once: hash its bytes and decode them fully. ValueError says what is wrong."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF/palette chatter, one line per file otherwise
+            with Image.open(io.BytesIO(data)) as image:
+                mode, image_format, (width, height) = image.mode, image.format, image.size
+                # JPEG: decode at 1/8 scale, still reading every byte, so truncation is caught ~4x faster.
+                image.draft(None, (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ValueError(f"cannot decode ({type(e).__name__}: {e})") from e
+    expected_format = Image.registered_extensions().get(Path(path).suffix.lower())
+    matches = image_format == expected_format or (expected_format == "JPEG" and image_format == "MPO")
+    return ImageInfo(hashlib.sha1(data).hexdigest(), width, height, mode, image_format, matches)
+
+
+def require_dirs(base: Path, names: Sequence[str], what: str) -> None:
+    missing = [n for n in names if not (base / n).is_dir()]
+    if missing:
+        raise ConversionError(
+            f"{what}: missing folder(s) {', '.join(n + '/' for n in missing)} in {base}. "
+            f"Pass the folder that contains {', '.join(n + '/' for n in names)}."
+        )
+
+
+def check_expected_counts(
+    actual: Mapping[str, int],
+    expected: Mapping[str, int],
+    *,
+    strict: bool,
+    report: ConversionReport,
+    what: str,
+) -> None:
+    """Published counts: a mismatch is an error with ``--strict`` and a warning otherwise (subsets exist)."""
+    mismatches = [
+        f"{key}: expected {expected[key]:,}, found {actual[key]:,}" for key in expected if actual[key] != expected[key]
+    ]
+    if not mismatches:
+        report.note(f"all published {what} counts match ({len(expected)} checked)")
+        return
+    message = f"counts differ from the published {what} ones: " + "; ".join(mismatches)
+    if strict:
+        raise ConversionError(message + ". Drop --strict to convert a subset or a re-pack anyway.")
+    report.warn(message)
+
+
+def make_rows_frame(rows: list[dict], columns: Sequence[str]) -> pd.DataFrame:
+    """Rows -> DataFrame with OML dtypes: integer labels/boxes, object is_query/is_gallery (None on train rows)."""
+    df = pd.DataFrame(rows, columns=list(columns))
+    df[LABELS_COLUMN] = df[LABELS_COLUMN].astype("int64")
+    for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
+        df[column] = df[column].astype(object)
+    for column in BBOXES_COLUMNS:
+        if column in df.columns:
+            df[column] = df[column].astype("int64")
+    return df
+
+
+def validate_dataframe(df: pd.DataFrame, dataset_root: Path) -> None:
+    """Our checks with readable messages, then OML's own checker (the one its pipelines run)."""
+    required = [LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ConversionError(f"dataframe lacks the column(s) {missing}")
+    if df.empty:
+        raise ConversionError("no rows: the dataset folder holds no usable images")
+    bad_split = sorted(set(df[SPLIT_COLUMN]) - {TRAIN, VALIDATION})
+    if bad_split:
+        raise ConversionError(f"unknown split value(s) {bad_split}")
+    is_train = df[SPLIT_COLUMN] == TRAIN
+    val = df[~is_train]
+    for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
+        if df.loc[is_train, column].notna().any():
+            raise ConversionError(f"train rows must leave {column} empty")
+        if not val[column].map(lambda v: isinstance(v, (bool, np.bool_))).all():
+            raise ConversionError(f"validation rows need a True/False {column}")
+    if len(val) and not (val[IS_QUERY_COLUMN].astype(bool) | val[IS_GALLERY_COLUMN].astype(bool)).all():
+        raise ConversionError("some validation rows are neither query nor gallery")
+    if len(val) and not val[IS_QUERY_COLUMN].astype(bool).any():
+        raise ConversionError("the validation split has no query rows")
+    query_labels = set(val.loc[val[IS_QUERY_COLUMN].astype(bool), LABELS_COLUMN])
+    gallery_labels = set(val.loc[val[IS_GALLERY_COLUMN].astype(bool), LABELS_COLUMN])
+    orphans = sorted(query_labels - gallery_labels)
+    if orphans:
+        raise ConversionError(f"query label(s) with no gallery image (OML rejects them): {list_some(orphans)}")
+    if SEQUENCE_COLUMN in df.columns and df[SEQUENCE_COLUMN].isna().any():
+        # OML factorizes every missing sequence to the same id, so such rows would mask each other.
+        raise ConversionError("every row needs a sequence value")
+    box_columns = [c for c in BBOXES_COLUMNS if c in df.columns]
+    if box_columns:
+        if len(box_columns) != 4 or df[box_columns].isna().any().any():
+            raise ConversionError("boxes must be given for every row or for none (OML fails on a partial set)")
+        if not ((df[X1_COLUMN] < df[X2_COLUMN]) & (df[Y1_COLUMN] < df[Y2_COLUMN])).all():
+            raise ConversionError("some boxes have x_1 >= x_2 or y_1 >= y_2")
+    for role in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
+        paths = val.loc[val[role].astype(bool), PATHS_COLUMN]
+        repeated = sorted(set(paths[paths.duplicated()]))
+        if repeated:
+            raise ConversionError(f"path(s) listed twice as {role}: {list_some(repeated)}")
+    try:
+        check_retrieval_dataframe_format(df, dataset_root=dataset_root, verbose=False)
+    except AssertionError as e:  # OML's checker asserts; turn it into a message a user can act on
+        raise ConversionError(f"OML's format check rejected the dataframe: {str(e)[:2000]}") from e
+
+
+def summarize(conversion: Conversion) -> str:
+    """Images and identities/classes per split and role, then everything skipped and why."""
+    df, report = conversion.df, conversion.report
+    noun = report.label_noun
+    is_train = df[SPLIT_COLUMN] == TRAIN
+    val = df[~is_train]
+    groups = [("train", "-", df[is_train])]
+    if len(val):
+        groups.append(("validation", "query", val[val[IS_QUERY_COLUMN].astype(bool)]))
+        groups.append(("validation", "gallery", val[val[IS_GALLERY_COLUMN].astype(bool)]))
+    lines = [f"{report.dataset}: {len(df):,} rows", f"  {'split':<11}{'role':<9}{'images':>9}{noun:>12}"]
+    for split, role, part in groups:
+        lines.append(f"  {split:<11}{role:<9}{len(part):>9,}{part[LABELS_COLUMN].nunique():>12,}")
+    if len(val):
+        both = int((val[IS_QUERY_COLUMN].astype(bool) & val[IS_GALLERY_COLUMN].astype(bool)).sum())
+        if both:
+            lines.append(f"  ({both:,} validation images are both query and gallery; never matched with themselves)")
+    lines.append("skipped:" if report.skipped else "skipped: nothing")
+    for reason, items in report.skipped.items():
+        lines.append(f"  {len(items):>7,}  {reason}: {list_some(items, 5)}")
+    lines += [f"note: {n}" for n in report.notes]
+    lines += [f"WARNING: {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def _current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def write_csv_atomically(df: pd.DataFrame, out_path: Path, dataset_root: Path) -> None:
+    """Write next to the target, re-read and check it as OML will, then rename over the target."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+        # What OML reads back is what counts (blank is_query/is_gallery on train rows, integer labels).
+        validate_dataframe(pd.read_csv(tmp_name), dataset_root)
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes it owner-only; give it a normal file's mode
+        os.replace(tmp_name, out_path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("root", type=Path, help="dataset folder as downloaded; CSV paths are relative to it")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output CSV (default: ROOT/{DEFAULT_CSV_NAME}); elsewhere, set OML's dataset_root to ROOT",
+    )
+    parser.add_argument("--strict", action="store_true", help="turn count mismatches and bad files into errors")
+    return parser
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    convert: Callable[[argparse.Namespace], Conversion],
+    argv: Sequence[str] | None = None,
+) -> int:
+    args = parser.parse_args(argv)
+    try:
+        conversion = convert(args)
+        out_path = args.out if args.out is not None else Path(args.root) / DEFAULT_CSV_NAME
+        write_csv_atomically(conversion.df, out_path, conversion.dataset_root)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summarize(conversion))
+    print(f"wrote {out_path} (dataset_root = {conversion.dataset_root})")
+    return 0

@@ -1,0 +1,261 @@
+"""Fruit & vegetable folders (Kaggle, 36 classes), or any ImageFolder tree, -> OML CSV.
+
+ROOT holds train/, validation/ and test/, one sub-folder per class. One label map (sorted class names,
+as torchvision's ImageFolder) serves every split.
+
+``--protocol closed`` (default): kNN classification. Train rows from train/; queries from validation/
+(or test/ with ``--query test``); the gallery is the train images again, as validation rows.
+``--protocol open``: the images of train/ and the query folder pooled; the first half of the classes (in
+label order) train, the other half validation, every validation image both query and gallery.
+
+Every image is read once: undecodable and empty files are skipped and listed (an error with --strict);
+exact duplicates (same bytes) across folders are reported, since they inflate scores.
+
+    python converters/fruits.py ROOT [--protocol closed|open] [--query validation|test] [--out CSV] [--strict]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from oml.const import IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN
+
+from converters.common import (
+    TRAIN,
+    VALIDATION,
+    Conversion,
+    ConversionError,
+    ConversionReport,
+    base_parser,
+    inspect_image,
+    is_image_name,
+    list_some,
+    make_rows_frame,
+    rel_posix,
+    require_dirs,
+    run_cli,
+)
+
+CLASS_NAME_COLUMN = "class_name"
+TRAIN_DIR = "train"
+SPLIT_DIRS = ("train", "validation", "test")
+QUERY_DIRS = ("validation", "test")
+PROTOCOLS = ("closed", "open")
+BAD_IMAGE_REASON = "undecodable or empty images skipped"
+MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "CMYK": "CMYK", "I;16": "16-bit"}
+
+
+@dataclass(frozen=True)
+class FruitImage:
+    rel: str
+    folder: str
+    class_name: str
+    sha1: str
+
+
+def list_class_dirs(split_dir: Path) -> list[str]:
+    """Immediate non-hidden sub-folders, sorted as ImageFolder sorts them."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _collect_files(split_dir: Path, root: Path, report: ConversionReport) -> dict[str, list[Path]]:
+    """class name -> image files (recursively, like ImageFolder); other files are reported and ignored."""
+    files_by_class: dict[str, list[Path]] = {}
+    loose_images = []
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        rel = rel_posix(Path(entry.path), root)
+        if entry.name.startswith("."):
+            report.skip("hidden files and folders ignored", rel)
+        elif entry.is_dir():
+            files_by_class[entry.name] = []
+            for folder, dir_names, file_names in os.walk(entry.path):
+                dir_names[:] = sorted(d for d in dir_names if not d.startswith("."))
+                for name in sorted(file_names):
+                    path = Path(folder) / name
+                    if is_image_name(name):
+                        files_by_class[entry.name].append(path)
+                    else:
+                        report.skip("non-image files ignored", rel_posix(path, root))
+        elif is_image_name(entry.name):
+            loose_images.append(rel)
+        else:
+            report.skip("non-image files ignored", rel)
+    if loose_images:
+        raise ConversionError(
+            f"image(s) directly in {split_dir.name}/ have no class folder: {list_some(loose_images)}. "
+            f"Move each into {split_dir.name}/<class name>/."
+        )
+    if not files_by_class:
+        raise ConversionError(f"{split_dir} has no class folders (expected {split_dir.name}/<class name>/<image>)")
+    return files_by_class
+
+
+def _check_class_sets(root: Path, query_dir: str, protocol: str, strict: bool, report: ConversionReport) -> list[str]:
+    """The union of class folders over the split folders present; differences are reported."""
+    present = [d for d in SPLIT_DIRS if (root / d).is_dir()]
+    classes = {d: set(list_class_dirs(root / d)) for d in present}
+    union = sorted(set().union(*classes.values()))
+    no_gallery = sorted(classes[query_dir] - classes[TRAIN_DIR])
+    if protocol == "closed" and no_gallery:
+        raise ConversionError(
+            f"class folder(s) in {query_dir}/ without a {TRAIN_DIR}/ folder, so their queries have no gallery "
+            f"image in the closed protocol: {list_some(no_gallery)}"
+        )
+    for d in present:
+        absent = sorted(set(union) - classes[d])
+        if absent:
+            message = f"{d}/ lacks class folder(s) present elsewhere: {list_some(absent)}"
+            if strict:
+                raise ConversionError(message)
+            report.warn(message)
+    return union
+
+
+def _inspect(
+    files_by_class: dict[str, list[Path]], folder: str, root: Path, report: ConversionReport, bad: list[str]
+) -> tuple[list[FruitImage], Counter, list[str]]:
+    images, modes, mislabelled = [], Counter(), []
+    for class_name, paths in files_by_class.items():
+        if not paths:
+            report.warn(f"{folder}/{class_name}/ holds no images")
+        for path in paths:
+            rel = rel_posix(path, root)
+            try:
+                info = inspect_image(path)
+            except (ValueError, OSError) as e:
+                bad.append(f"{rel} ({e})")
+                continue
+            modes[info.mode] += 1
+            if not info.extension_matches:
+                mislabelled.append(f"{rel} ({info.format})")
+            images.append(FruitImage(rel, folder, class_name, info.sha1))
+    return images, modes, mislabelled
+
+
+def _report_duplicates(images: list[FruitImage], report: ConversionReport) -> None:
+    by_hash = defaultdict(list)
+    for image in images:
+        by_hash[image.sha1].append(image)
+    groups = [g for g in by_hash.values() if len(g) > 1]
+    across = [g for g in groups if len({i.folder for i in g}) > 1]
+    within = [g for g in groups if len({i.folder for i in g}) == 1]
+    if across:
+        examples = [" = ".join(i.rel for i in g) for g in across[:3]]
+        report.warn(
+            f"{len(across):,} group(s) of byte-identical images span more than one folder "
+            f"({sum(len(g) for g in across):,} files); they inflate scores. E.g. {'; '.join(examples)}"
+        )
+    if within:
+        report.note(
+            f"{len(within):,} group(s) of byte-identical images inside one folder "
+            f"({sum(len(g) for g in within):,} files), "
+            f"e.g. {' = '.join(i.rel for i in within[0])}"
+        )
+
+
+def convert_fruits(
+    root: Path | str,
+    *,
+    protocol: str = "closed",
+    query: str = "validation",
+    strict: bool = False,
+) -> Conversion:
+    if protocol not in PROTOCOLS:
+        raise ConversionError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+    if query not in QUERY_DIRS:
+        raise ConversionError(f"unknown query folder {query!r}; use one of {QUERY_DIRS}")
+    root = Path(root)
+    require_dirs(root, (TRAIN_DIR, query), "fruits")
+    report = ConversionReport(f"fruits ({protocol} protocol, queries from {query}/)", label_noun="classes")
+    class_names = _check_class_sets(root, query, protocol, strict, report)
+    label_of = {name: label for label, name in enumerate(class_names)}
+
+    bad: list[str] = []
+    modes: Counter = Counter()
+    mislabelled: list[str] = []
+    images_by_folder = {}
+    for folder in (TRAIN_DIR, query):
+        images, folder_modes, folder_mislabelled = _inspect(
+            _collect_files(root / folder, root, report), folder, root, report, bad
+        )
+        images_by_folder[folder] = images
+        modes.update(folder_modes)
+        mislabelled += folder_mislabelled
+    if bad and strict:
+        raise ConversionError(f"{len(bad):,} image(s) cannot be used: {list_some(bad)}. Remove or replace them.")
+    for item in bad:
+        report.skip(BAD_IMAGE_REASON, item)
+
+    unused = [d for d in SPLIT_DIRS if d not in (TRAIN_DIR, query) and (root / d).is_dir()]
+    if unused:
+        report.note(f"not read: {', '.join(d + '/' for d in unused)}")
+    report.note("label map: " + ", ".join(f"{label}={name}" for name, label in label_of.items()))
+    odd_modes = {m: n for m, n in sorted(modes.items()) if m != "RGB"}
+    if odd_modes:
+        report.note(
+            "accepted non-RGB images (OML converts them to RGB): "
+            + ", ".join(f"{n:,} {MODE_NAMES.get(m, m)}" for m, n in odd_modes.items())
+        )
+    if mislabelled:
+        report.note(
+            f"{len(mislabelled):,} file(s) whose content differs from the extension, accepted: "
+            + list_some(mislabelled, 5)
+        )
+    _report_duplicates(images_by_folder[TRAIN_DIR] + images_by_folder[query], report)
+
+    def row(image: FruitImage, split: str, is_query: bool | None, is_gallery: bool | None) -> dict:
+        return {
+            LABELS_COLUMN: label_of[image.class_name],
+            PATHS_COLUMN: image.rel,
+            SPLIT_COLUMN: split,
+            IS_QUERY_COLUMN: is_query,
+            IS_GALLERY_COLUMN: is_gallery,
+            CLASS_NAME_COLUMN: image.class_name,
+        }
+
+    train_images, query_images = images_by_folder[TRAIN_DIR], images_by_folder[query]
+    if protocol == "closed":
+        rows = [row(i, TRAIN, None, None) for i in train_images]
+        rows += [row(i, VALIDATION, True, False) for i in query_images]
+        rows += [row(i, VALIDATION, False, True) for i in train_images]  # train images are the gallery
+    else:
+        n_train_classes = len(class_names) // 2
+        if n_train_classes == 0:
+            raise ConversionError("the open protocol needs at least two classes")
+        rows = []
+        for image in train_images + query_images:
+            if label_of[image.class_name] < n_train_classes:
+                rows.append(row(image, TRAIN, None, None))
+            else:
+                rows.append(row(image, VALIDATION, True, True))
+        report.note(
+            f"open protocol: labels 0-{n_train_classes - 1} train, {n_train_classes}-{len(class_names) - 1} validation"
+        )
+    columns = [LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN, CLASS_NAME_COLUMN]
+    return Conversion(make_rows_frame(rows, columns), report, root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Fruit & vegetable (or any train/validation/test ImageFolder) tree -> OML dataset.csv.")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="closed",
+        help="closed: kNN classification against the train images (default); open: half the classes held out",
+    )
+    parser.add_argument("--query", choices=QUERY_DIRS, default="validation", help="held-out folder used for queries")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(
+        build_parser(), lambda a: convert_fruits(a.root, protocol=a.protocol, query=a.query, strict=a.strict), argv
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Market-1501 folder -> OML CSV with the standard single-query re-ID protocol.
+
+train = bounding_box_train/; validation = query/ (queries) + bounding_box_test/ (gallery) with the junk
+id -1 dropped and the distractor id 0000 kept as a negative. ``sequence = "<pid>_c<cam>"`` makes OML leave
+gallery images of the query's person taken by the query's camera out of its ranking, as torchreid does.
+
+    python converters/market1501.py ROOT [--out CSV] [--strict] [--skip-bad]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from oml.const import (
+    IS_GALLERY_COLUMN,
+    IS_QUERY_COLUMN,
+    LABELS_COLUMN,
+    PATHS_COLUMN,
+    SEQUENCE_COLUMN,
+    SPLIT_COLUMN,
+)
+
+from converters.common import (
+    TRAIN,
+    VALIDATION,
+    Conversion,
+    ConversionError,
+    ConversionReport,
+    base_parser,
+    check_expected_counts,
+    list_some,
+    make_rows_frame,
+    rel_posix,
+    require_dirs,
+    run_cli,
+)
+
+CAMERA_COLUMN = "camera"
+TRAIN_DIR, GALLERY_DIR, QUERY_DIR = "bounding_box_train", "bounding_box_test", "query"
+USED_DIRS = (TRAIN_DIR, QUERY_DIR, GALLERY_DIR)
+# The archive's own top folder, and torchreid's market1501/ wrapper around it.
+ROOT_CANDIDATES = (".", "Market-1501-v15.09.15", "market1501", "market1501/Market-1501-v15.09.15")
+# PPPP_cCsS_FFFFFF_BB.jpg on the basename only (torchreid searches the full path, which a parent folder can fool).
+NAME_PATTERN = re.compile(r"^(?P<pid>-1|\d{4})_c(?P<cam>\d)s(?P<seq>\d)_(?P<frame>\d{6})_(?P<box>\d{2})\.(?i:jpg)$")
+JUNK_PID, DISTRACTOR_PID, MAX_PID = -1, 0, 1501
+CAMERAS = range(1, 7)
+
+JUNK_REASON = "junk images (person id -1) dropped from the gallery"
+BAD_NAME_REASON = "malformed file names skipped (--skip-bad)"
+INVALID_QUERY_REASON = "queries without a gallery image of their person from another camera (--skip-bad)"
+
+# Market-1501-v15.09.15 as released (torchreid docstring, project page, datasets.md §1.3).
+PUBLISHED_COUNTS: Mapping[str, int] = {
+    "train images": 12_936,
+    "train identities": 751,
+    "query images": 3_368,
+    "query identities": 750,
+    "gallery images after junk removal": 15_913,
+    "gallery identities incl. distractor id 0000": 751,
+    "gallery junk images (id -1)": 3_819,
+    "gallery distractor images (id 0000)": 2_798,
+}
+
+COLUMNS = [
+    LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN, CAMERA_COLUMN, SEQUENCE_COLUMN
+]  # fmt: skip
+
+
+def parse_market_name(name: str) -> tuple[int, int]:
+    """``PPPP_cCsS_FFFFFF_BB.jpg`` -> (person id, camera); ValueError says what is wrong."""
+    match = NAME_PATTERN.match(name)
+    if match is None:
+        raise ValueError("name does not follow PPPP_cCsS_FFFFFF_BB.jpg (e.g. 0002_c1s1_000451_03.jpg)")
+    pid, cam = int(match["pid"]), int(match["cam"])
+    if cam not in CAMERAS:
+        raise ValueError(f"camera {cam} is outside 1-6")
+    if pid > MAX_PID:
+        raise ValueError(f"person id {pid} is above {MAX_PID}")
+    return pid, cam
+
+
+def find_market_base(root: Path) -> Path:
+    for candidate in ROOT_CANDIDATES:
+        base = root / candidate
+        if all((base / d).is_dir() for d in USED_DIRS):
+            return base
+    require_dirs(root, USED_DIRS, "Market-1501")  # raises, naming the missing folders
+    raise AssertionError("unreachable")
+
+
+def _scan_folder(
+    base: Path, root: Path, folder: str, report: ConversionReport, skip_bad: bool
+) -> list[tuple[str, int, int]]:
+    records = []
+    for entry in sorted(os.scandir(base / folder), key=lambda e: e.name):
+        rel = rel_posix(Path(entry.path), root)
+        if entry.is_dir():
+            report.skip("sub-folders ignored", rel + "/")
+            continue
+        if not entry.name.lower().endswith(".jpg"):  # Thumbs.db, .DS_Store, ...
+            report.skip("non-image files ignored", rel)
+            continue
+        try:
+            pid, cam = parse_market_name(entry.name)
+        except ValueError as e:
+            if not skip_bad:
+                raise ConversionError(f"{rel}: {e}. Rename or remove it, or pass --skip-bad to skip such files.")
+            report.skip(BAD_NAME_REASON, rel)
+            continue
+        records.append((rel, pid, cam))
+    if not records:
+        raise ConversionError(f"{rel_posix(base / folder, root)}/ holds no Market-1501 images")
+    return records
+
+
+def convert_market1501(
+    root: Path | str,
+    *,
+    strict: bool = False,
+    skip_bad: bool = False,
+    expected_counts: Mapping[str, int] = PUBLISHED_COUNTS,
+) -> Conversion:
+    root = Path(root)
+    base = find_market_base(root)
+    report = ConversionReport("Market-1501", label_noun="identities")
+    train, query, gallery_raw = (_scan_folder(base, root, d, report, skip_bad) for d in USED_DIRS)
+
+    for folder, records in ((TRAIN_DIR, train), (QUERY_DIR, query)):
+        special = [rel for rel, pid, _ in records if pid in (JUNK_PID, DISTRACTOR_PID)]
+        if special:
+            raise ConversionError(
+                f"person id -1/0000 belongs in {GALLERY_DIR}/ only, found in {folder}/: {list_some(special)}"
+            )
+
+    gallery = []
+    for rel, pid, cam in gallery_raw:
+        if pid == JUNK_PID:
+            report.skip(JUNK_REASON, rel)  # neither positive nor negative in the official protocol
+        else:
+            gallery.append((rel, pid, cam))
+    n_distractors = sum(pid == DISTRACTOR_PID for _, pid, _ in gallery)
+
+    train_pids = {pid for _, pid, _ in train}
+    test_pids = {pid for _, pid, _ in query + gallery} - {DISTRACTOR_PID}
+    shared = sorted(train_pids & test_pids)
+    if shared:
+        raise ConversionError(f"person id(s) in both {TRAIN_DIR}/ and query/gallery: {list_some(shared)}")
+
+    gallery_cams = defaultdict(set)
+    for _, pid, cam in gallery:
+        gallery_cams[pid].add(cam)
+    invalid = [rel for rel, pid, cam in query if not (gallery_cams[pid] - {cam})]
+    if invalid and not skip_bad:
+        raise ConversionError(
+            f"{len(invalid):,} query image(s) have no gallery image of the same person from another camera, "
+            f"so the protocol cannot score them: {list_some(invalid)}. Add their gallery images, remove them, "
+            f"or pass --skip-bad to drop them."
+        )
+    for rel in invalid:
+        report.skip(INVALID_QUERY_REASON, rel)
+    invalid_set = set(invalid)
+    query = [r for r in query if r[0] not in invalid_set]
+
+    report.note(f"{n_distractors:,} distractor images (person id 0000) kept in the gallery as negatives")
+    actual = {
+        "train images": len(train),
+        "train identities": len(train_pids),
+        "query images": len(query),
+        "query identities": len({pid for _, pid, _ in query}),
+        "gallery images after junk removal": len(gallery),
+        "gallery identities incl. distractor id 0000": len({pid for _, pid, _ in gallery}),
+        "gallery junk images (id -1)": report.n_skipped(JUNK_REASON),
+        "gallery distractor images (id 0000)": n_distractors,
+    }
+    check_expected_counts(actual, expected_counts, strict=strict, report=report, what="Market-1501")
+
+    unused = sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if p.name not in USED_DIRS)
+    if unused:
+        report.note(f"not used: {', '.join(unused)}")
+
+    rows = []
+    for records, split, is_query, is_gallery in (
+        (train, TRAIN, None, None),
+        (query, VALIDATION, True, False),
+        (gallery, VALIDATION, False, True),
+    ):
+        for rel, pid, cam in records:
+            rows.append(
+                {
+                    LABELS_COLUMN: pid,
+                    PATHS_COLUMN: rel,
+                    SPLIT_COLUMN: split,
+                    IS_QUERY_COLUMN: is_query,
+                    IS_GALLERY_COLUMN: is_gallery,
+                    CAMERA_COLUMN: cam,
+                    SEQUENCE_COLUMN: f"{pid}_c{cam}",
+                }
+            )
+    return Conversion(make_rows_frame(rows, COLUMNS), report, root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Market-1501 -> OML dataset.csv (standard single-query re-ID protocol).")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip (and count) malformed file names and queries with no cross-camera match instead of failing",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(
+        build_parser(), lambda a: convert_market1501(a.root, strict=a.strict, skip_bad=a.skip_bad), argv
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
