@@ -31,6 +31,10 @@ ui: install            ## MLflow UI over the embedded store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
 		--default-artifact-root $(CURDIR)/outputs/mlartifacts --host 127.0.0.1 --port 5000
 
+worst: install         ## fetch and list a run's worst-query grids: make worst RUN=<mlflow run id>
+	@test -n "$(RUN)" || { echo "usage: make worst RUN=<mlflow run id>"; exit 2; }
+	$(PY) scripts/worst.py "$(RUN)"
+
 convert-market: install
 	@test -n "$(DATA)" || { echo "usage: make convert-market DATA=/path/to/Market-1501-v15.09.15"; exit 2; }
 	$(PY) converters/market1501.py "$(DATA)" $(if $(STRICT),--strict) $(if $(SKIP_BAD),--skip-bad)

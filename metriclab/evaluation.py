@@ -199,3 +199,58 @@ def format_metrics_table(metrics: Dict[str, Any]) -> str:
         is_count = k.startswith("n_") and float(v).is_integer()
         lines.append(f"{k:<{width}}  {int(v)}" if is_count else f"{k:<{width}}  {v:.4f}")
     return "\n".join(lines)
+
+
+def save_tsne(embeddings: torch.Tensor, labels: np.ndarray, out_png: Path, max_points: int, seed: int = 0,
+              title: str = "") -> Path:
+    """t-SNE of (a label-stratified random sample of) the embeddings, one colour per label."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(labels)) if len(labels) <= max_points else np.sort(rng.choice(len(labels), max_points, False))
+    x = embeddings[idx].numpy()
+    perplexity = float(min(30.0, max(2.0, (len(idx) - 1) / 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    lab = labels[idx]
+    uniq = np.unique(lab)
+    cmap = plt.get_cmap("tab20" if len(uniq) > 10 else "tab10")
+    for i, u in enumerate(uniq):
+        m = lab == u
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(i % cmap.N), label=str(u) if len(uniq) <= 20 else None)
+    if len(uniq) <= 20:
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    ax.set_title(f"{title}\nt-SNE of {len(idx)} of {len(labels)} validation embeddings, coloured by label", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    _atomic_savefig(fig, out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def publish_validation(
+    report: RetrievalReport, embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig, tracked: Any,
+    run_dir: Optional[Path], epoch: int, tag: Optional[str] = None,
+) -> None:
+    """Log metrics (step = epoch), write metrics.json, the worst-query grid + CSV and (if asked) the t-SNE plot.
+    `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`, files under `<tag>/`."""
+    from metriclab.tracking import write_json_atomic
+
+    metrics = {k: float(v) for k, v in report.metrics.items()}
+    prefix, folder = (tag, tag) if tag else ("val", f"epoch_{epoch:03d}")
+    if tracked is not None:
+        tracked.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
+    if run_dir is None:
+        return
+    write_json_atomic(run_dir / ("metrics.json" if not tag else f"metrics_{tag}.json"), metrics)
+    files = save_worst_queries(report, data, embeddings, run_dir / "worst_queries" / folder, cfg,
+                               title=folder.replace("_", " "))
+    if tracked is not None:
+        for f in files:
+            tracked.log_artifact(f, f"worst_queries/{folder}")
+    if cfg.get("tsne"):
+        png = save_tsne(embeddings, data.labels, run_dir / "plots" / folder / "tsne.png", int(cfg.tsne_max_points),
+                        title=folder.replace("_", " "))
+        if tracked is not None:
+            tracked.log_artifact(png, f"plots/{folder}")

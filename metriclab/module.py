@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metriclab.data import ValidationData
-from metriclab.evaluation import evaluate_validation, save_worst_queries
-from metriclab.tracking import TrackedRun, write_json_atomic
+from metriclab.evaluation import evaluate_validation, publish_validation
+from metriclab.tracking import TrackedRun
 
 
 class MetricLearningModule(pl.LightningModule):
@@ -122,19 +122,8 @@ class MetricLearningModule(pl.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if not math.isnan(v)}, logger=False)
         if not self.trainer.is_global_zero:
             return
-        epoch = self.current_epoch + self.val_epoch_offset
-        prefix, folder = (self.val_tag, self.val_tag) if self.val_tag else ("val", f"epoch_{epoch:03d}")
-        if self.tracked is not None:
-            self.tracked.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
-        if self.run_dir is not None:
-            write_json_atomic(self.run_dir / ("metrics.json" if not self.val_tag else f"metrics_{self.val_tag}.json"),
-                              metrics)
-            out_dir = self.run_dir / "worst_queries" / folder
-            files = save_worst_queries(report, self.val_data, embeddings, out_dir, self.eval_cfg,
-                                       title=folder.replace("_", " "))
-            if self.tracked is not None:
-                for f in files:
-                    self.tracked.log_artifact(f, f"worst_queries/{folder}")
+        publish_validation(report, embeddings, self.val_data, self.eval_cfg, self.tracked, self.run_dir,
+                           epoch=self.current_epoch + self.val_epoch_offset, tag=self.val_tag)
 
     # -------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

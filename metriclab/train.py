@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from metriclab.config import ConfigError, build
@@ -90,7 +91,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    with tracked_run(cfg, run_dir, run_name, overrides, resume_run_id) as tracked:
+    is_main = rank_zero_only.rank == 0  # DDP children re-run this script: only rank 0 opens a run
+    with tracked_run(cfg, run_dir, run_name, overrides, resume_run_id, is_main_process=is_main) as tracked:
         df = read_dataset_csv(cfg.dataset.root, cfg.dataset.csv)
         root = Path(cfg.dataset.root)
         train_tf = build(cfg.transforms.train, "transforms.train")

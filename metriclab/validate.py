@@ -1,61 +1,117 @@
-"""`validate(cfg)`: metrics of a checkpoint (or random/zoo weights) on the validation rows, one tracked run."""
+"""`validate(cfg)`: metrics of a model on the validation rows (query vs gallery), one tracked run.
+
+What is evaluated, in order of precedence:
+- `embeddings=<file.npz>`: precomputed embeddings (`embeddings` float32 N x D, `paths` = the CSV's validation rows);
+- `ckpt=<file>`: one of our training checkpoints (its extractor architecture is stored in it) or an extractor
+  state dict for the configured `extractor`;
+- neither: the configured `extractor` with its own weights (a zoo key, a local path, or null = random init).
+"""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from metriclab.config import ConfigError, build
-from metriclab.data import build_validation_data, read_dataset_csv
-from metriclab.evaluation import format_metrics_table
-from metriclab.extractors import build_extractor, load_extractor_weights
+from metriclab.data import ValidationData, build_validation_data, read_dataset_csv
+from metriclab.evaluation import evaluate_validation, format_metrics_table, publish_validation
+from metriclab.extractors import build_extractor, load_checkpoint, load_extractor_weights
 from metriclab.module import MetricLearningModule
 from metriclab.tracking import tracked_run
 from metriclab.train import job_identity
 
 
+def load_embeddings_npz(path: str | Path, data: ValidationData) -> torch.Tensor:
+    """Embeddings from an .npz, reordered to the validation rows; every row must be there exactly once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"embeddings={path} does not exist")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ConfigError(f"embeddings={path} is not a readable .npz file: {e}") from e
+    for key in ("embeddings", "paths"):
+        if key not in npz.files:
+            raise ConfigError(f"{path}: missing array `{key}` (found {npz.files}); expected `embeddings` (N x D "
+                              f"float32) and `paths` (the CSV's validation paths), as written by export_embeddings=true")
+    emb, paths = npz["embeddings"], npz["paths"].astype(str)
+    if emb.ndim != 2 or len(emb) != len(paths):
+        raise ConfigError(f"{path}: `embeddings` must be N x D with N = len(paths) = {len(paths)}, got {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ConfigError(f"{path}: `embeddings` contains NaN or inf")
+    position = {p: i for i, p in enumerate(paths)}
+    if len(position) != len(paths):
+        raise ConfigError(f"{path}: `paths` has duplicates")
+    missing = [p for p in data.paths if p not in position]
+    if missing:
+        raise ConfigError(f"{path}: {len(missing)} validation rows of the CSV have no embedding, e.g. {missing[:3]}")
+    return torch.from_numpy(emb[[position[p] for p in data.paths]].astype(np.float32))
+
+
+def save_embeddings_npz(path: Path, embeddings: torch.Tensor, data: ValidationData) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, embeddings=embeddings.numpy().astype(np.float32), paths=data.paths.astype(str),
+             labels=data.labels)
+    os.replace(tmp, path)
+
+
+def _build_model(cfg: DictConfig):
+    """(extractor, epoch of the checkpoint, what was loaded) for `ckpt=` or the configured weights."""
+    extractor_cfg = cfg.extractor
+    if not cfg.get("ckpt"):
+        return build_extractor(extractor_cfg), 0, f"weights {extractor_cfg.get('weights')}"
+    meta = load_checkpoint(cfg.ckpt).get("metriclab") or {}
+    if meta.get("extractor_cfg") and cfg.get("extractor_from_ckpt", True):
+        # our checkpoint knows its architecture; the weights come from it, not from the zoo
+        extractor_cfg = OmegaConf.create({**meta["extractor_cfg"], "weights": None})
+    extractor = build_extractor(extractor_cfg)
+    ckpt = load_extractor_weights(extractor, cfg.ckpt)
+    return extractor, int(ckpt.get("epoch", 0)), f"ckpt {cfg.ckpt}"
+
+
 def validate(cfg: DictConfig) -> Dict[str, Any]:
-    """Evaluate `cfg.ckpt` (our training checkpoint or an extractor state dict; none = the extractor's own
-    weights, i.e. a zoo key or random init) on query/gallery. Returns run dir, metrics and run id."""
+    """Evaluate and log; returns run dir, metrics and tracker run id (on every DDP rank the same metrics)."""
     run_dir, run_name, overrides = job_identity(cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    with tracked_run(cfg, run_dir, run_name, overrides) as tracked:
+    is_main = rank_zero_only.rank == 0  # DDP children re-run this script: only rank 0 opens a run
+    with tracked_run(cfg, run_dir, run_name, overrides, is_main_process=is_main) as tracked:
         df = read_dataset_csv(cfg.dataset.root, cfg.dataset.csv)
         val_data = build_validation_data(df, Path(cfg.dataset.root), build(cfg.transforms.val, "transforms.val"),
                                          cfg.dataset.cache_size)
-        extractor_cfg = cfg.extractor
-        epoch = 0
-        if cfg.get("ckpt"):
-            from metriclab.extractors import load_checkpoint
-
-            meta = load_checkpoint(cfg.ckpt).get("metriclab") or {}
-            if meta.get("extractor_cfg") and cfg.get("extractor_from_ckpt", True):
-                # the checkpoint knows its architecture; weights come from the checkpoint, not the zoo
-                extractor_cfg = OmegaConf.create({**meta["extractor_cfg"], "weights": None})
-            extractor = build_extractor(extractor_cfg)
-            ckpt = load_extractor_weights(extractor, cfg.ckpt)
-            epoch = int(ckpt.get("epoch", 0))
+        embeddings: Optional[torch.Tensor] = None
+        if cfg.get("embeddings"):
+            embeddings = load_embeddings_npz(cfg.embeddings, val_data)
+            report = evaluate_validation(embeddings, val_data, cfg.evaluation)
+            publish_validation(report, embeddings, val_data, cfg.evaluation, tracked, run_dir, epoch=0)
+            metrics, source = {k: float(v) for k, v in report.metrics.items()}, f"embeddings {cfg.embeddings}"
         else:
-            extractor = build_extractor(extractor_cfg)
-        module = MetricLearningModule(extractor, torch.nn.Identity(), None, val_data, cfg.evaluation,
-                                      tracked=tracked, run_dir=run_dir)
-        module.val_epoch_offset = epoch
-        loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
-                            num_workers=cfg.num_workers)
-        trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False, callbacks=[],
-                                    default_root_dir=str(run_dir))
-        trainer.validate(module, loader, verbose=False)
-        metrics = module.last_metrics
-        if not metrics:
-            raise ConfigError("validation produced no metrics")
-        if trainer.is_global_zero:
-            source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor_cfg.get('weights')}"
-            print(f"\n{run_name} on {cfg.dataset.root} ({source}):\n{format_metrics_table(metrics)}\nrun dir: {run_dir}")
+            extractor, epoch, source = _build_model(cfg)
+            module = MetricLearningModule(extractor, torch.nn.Identity(), None, val_data, cfg.evaluation,
+                                          tracked=tracked if is_main else None, run_dir=run_dir if is_main else None)
+            module.val_epoch_offset = epoch
+            loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
+                                num_workers=cfg.num_workers)
+            trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False, callbacks=[],
+                                        default_root_dir=str(run_dir))
+            trainer.validate(module, loader, verbose=False)
+            metrics, embeddings = module.last_metrics, module.last_embeddings
+        if is_main:
+            if cfg.get("export_embeddings"):
+                save_embeddings_npz(run_dir / "embeddings.npz", embeddings, val_data)
+            print(f"\n{run_name} on {cfg.dataset.root} ({source}):\n{format_metrics_table(metrics)}\n"
+                  f"run dir: {run_dir}")
             tracked.log_artifact(run_dir / "metrics.json")
-        return {"run_dir": run_dir, "metrics": metrics, "mlflow_run_id": tracked.mlflow_run_id, "run_name": run_name}
+        return {"run_dir": run_dir, "metrics": metrics, "mlflow_run_id": tracked.mlflow_run_id, "run_name": run_name,
+                "embeddings": embeddings}

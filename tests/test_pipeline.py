@@ -94,3 +94,48 @@ def test_failures_name_the_problem_and_leave_no_running_run(tmp_path, tiny_datas
         return
     runs = _client(tmp_path).search_runs([e.experiment_id for e in _client(tmp_path).search_experiments()])
     assert db.exists() and len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.conftest import write_tiny_dataset
+
+    tmp = tmp_path_factory.mktemp("trained")
+    root = tmp / "data"
+    write_tiny_dataset(root)
+    cfg = compose_cfg("train", fast_overrides(tmp, root) + TRAIN_OVERRIDES)
+    return tmp, root, train(cfg)
+
+
+def test_exported_embeddings_validate_to_the_same_numbers(trained, tmp_path):
+    tmp, root, result = trained
+    base = fast_overrides(tmp_path, root)
+    v1 = validate(compose_cfg("validate", base + [f"ckpt={result['last_ckpt']}", "export_embeddings=true",
+                                                  "evaluation.tsne_max_points=50"]))
+    npz = tmp_path / "run" / "embeddings.npz"
+    data = __import__("numpy").load(npz)
+    assert data["embeddings"].shape == (18, 512) and len(data["paths"]) == 18
+    assert (tmp_path / "run" / "plots" / "epoch_001" / "tsne.png").stat().st_size > 1000
+    v2 = validate(compose_cfg("validate", base + [f"embeddings={npz}", f"paths.run_dir={tmp_path}/run2"]))
+    assert v2["metrics"] == pytest.approx(v1["metrics"])
+    assert v1["metrics"] == pytest.approx(result["metrics"])  # last.ckpt = the last epoch's model
+
+
+def test_bad_validation_inputs_are_clear_errors(trained, tmp_path):
+    import numpy as np
+
+    tmp, root, result = trained
+    base = fast_overrides(tmp_path, root)
+    not_ckpt = tmp_path / "notes.txt"
+    not_ckpt.write_text("hello")
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        validate(compose_cfg("validate", base + [f"ckpt={not_ckpt}"]))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, embeddings=np.zeros((2, 4), np.float32), paths=np.array(["a", "b"]))
+    with pytest.raises(ConfigError, match="18 validation rows of the CSV have no embedding"):
+        validate(compose_cfg("validate", base + [f"embeddings={bad}"]))
+    np.savez(bad, vectors=np.zeros((2, 4), np.float32))
+    with pytest.raises(ConfigError, match="missing array `embeddings`"):
+        validate(compose_cfg("validate", base + [f"embeddings={bad}"]))
+    runs = _client(tmp_path).search_runs([e.experiment_id for e in _client(tmp_path).search_experiments()])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}
