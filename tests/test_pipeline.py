@@ -139,3 +139,23 @@ def test_bad_validation_inputs_are_clear_errors(trained, tmp_path):
         validate(compose_cfg("validate", base + [f"embeddings={bad}"]))
     runs = _client(tmp_path).search_runs([e.experiment_id for e in _client(tmp_path).search_experiments()])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_make_worst_fetches_the_grids_of_a_run(trained, tmp_path, capsys):
+    import importlib.util
+
+    from metriclab.paths import REPO_ROOT
+
+    tmp, _, result = trained
+    spec = importlib.util.spec_from_file_location("worst", REPO_ROOT / "scripts" / "worst.py")
+    worst = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worst)
+    uri = f"sqlite:///{tmp}/outputs/mlflow.db"
+    assert worst.main([result["mlflow_run_id"], "--tracking-uri", uri, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    fetched = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert fetched == ["worst_queries/epoch_000/worst_queries.png", "worst_queries/epoch_001/worst_queries.png"]
+    table = (tmp_path / "worst_queries" / "epoch_001" / "worst_queries.csv").read_text().splitlines()
+    assert table[0] == "query_index,path,label,first_hit_rank,ap" and len(table) == 6  # 5 worst queries
+    assert "epoch_001/worst_queries.png" in out
+    assert worst.main(["no-such-run", "--tracking-uri", uri]) == 2
