@@ -167,20 +167,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    def handler(signum, frame):  # noqa: ARG001
-        raise JobTerminated(f"received signal {signum}")
+class _SigtermGuard:
+    """Turns SIGTERM into JobTerminated and remembers that it came: a signal that lands in a garbage-collector
+    callback is swallowed by Python, and Lightning then stops with a plain SystemExit at the end of the epoch."""
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.received = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        def handler(signum, frame):  # noqa: ARG001
+            self.received = True
+            raise JobTerminated(f"received signal {signum}")
+
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -209,7 +217,8 @@ def tracked_run(
     # PL's MLFlowLogger calls mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI for the whole process:
     # put both back afterwards so the next job in this process reads its own config
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    with _sigterm_raises():
+    sigterm = _SigtermGuard()
+    with sigterm.installed():
         try:
             loggers: List[Logger] = []
             if node is not None and is_main_process:
@@ -230,11 +239,16 @@ def tracked_run(
                 tracked.log_artifact(run_dir / "overrides.yaml", "config")
             yield tracked
             status = "FINISHED"
+            if sigterm.received:  # the signal was swallowed on the way: the job still did not complete
+                status = "KILLED"
+                raise SystemExit(128 + signal.SIGTERM)
         except (KeyboardInterrupt, JobTerminated):
             status = "KILLED"
             raise
-        except SystemExit as e:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
-            status = "KILLED" if e.code not in (0, None) else "FINISHED"
+        except SystemExit as e:  # Lightning turns Ctrl-C into sys.exit(1), SIGTERM into SIGTERMException
+            status = "KILLED" if e.code not in (0, None) or sigterm.received else "FINISHED"
+            if sigterm.received and e.code in (0, None):
+                raise SystemExit(128 + signal.SIGTERM) from e
             raise
         finally:
             if client is not None:
