@@ -1,0 +1,262 @@
+"""Freezing: BatchNorm in eval mode, only named sub-modules trainable, backbone frozen for the first N epochs.
+
+OML has none of this that works under Lightning 2 (docs/oml-notes §5): no BatchNorm handling, and
+``ExtractorModule(freeze_n_epochs=...)`` lives in a PL 1.x hook that is never called.
+
+How a BatchNorm layer stays frozen: it carries a set of reasons (``freeze_bn``, ``set_trainable``,
+``freeze_backbone``) and a forward pre-hook that switches it to eval mode while the set is non-empty, so running
+statistics never update even if ``model.train()`` ran after freezing (Lightning calls it after every validation);
+its affine parameters get ``requires_grad=False``. ``keep_frozen_bn_in_eval(module)`` re-applies eval mode right
+away, for code that inspects ``.training`` (call it in ``on_train_epoch_start``). The hook and the reasons travel with
+``copy.deepcopy`` and pickling (module-level function, a set of strings), and the ``state_dict`` is unchanged.
+Converting to SyncBatchNorm after freezing builds new layers without them: freeze after any such conversion.
+
+Optimizers: a parameter with ``requires_grad=False`` keeps ``grad=None``, and torch optimizers skip such parameters
+entirely (no weight decay, no momentum), so frozen weights stay bit-identical even inside the optimizer's groups.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+import pytorch_lightning as pl
+from pytorch_lightning.strategies import DDPStrategy
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
+
+_REASONS_ATTR = "_metriclab_bn_frozen_by"
+REASON_FREEZE_BN = "freeze_bn"
+REASON_SET_TRAINABLE = "set_trainable"
+REASON_FREEZE_BACKBONE = "freeze_backbone"
+
+
+def _keep_bn_eval_hook(module: nn.Module, args: tuple) -> None:
+    if getattr(module, _REASONS_ATTR, None):
+        module.train(False)
+
+
+def _batchnorm_layers(module: nn.Module) -> List[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+def _freeze_bn_layer(bn: _BatchNorm, reason: str) -> None:
+    reasons: Optional[Set[str]] = getattr(bn, _REASONS_ATTR, None)
+    if reasons is None:
+        reasons = set()
+        setattr(bn, _REASONS_ATTR, reasons)
+        bn.register_forward_pre_hook(_keep_bn_eval_hook)
+    reasons.add(reason)
+    bn.train(False)
+    for param in bn.parameters(recurse=False):
+        param.requires_grad_(False)
+
+
+def _unfreeze_bn_layer(bn: _BatchNorm, reason: str, training: bool) -> None:
+    """Drop one reason; if none is left, the layer trains again (affine params trainable, mode = `training`)."""
+    reasons: Optional[Set[str]] = getattr(bn, _REASONS_ATTR, None)
+    if reasons is None:
+        return
+    reasons.discard(reason)
+    if not reasons:
+        bn.train(training)
+        for param in bn.parameters(recurse=False):
+            param.requires_grad_(True)
+
+
+def is_bn_frozen(bn: nn.Module) -> bool:
+    return bool(getattr(bn, _REASONS_ATTR, None))
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Freeze every BatchNorm layer of `module` for good (eval mode, statistics and affine params fixed).
+
+    Returns the number of layers frozen (0 for a ViT, whose norms are LayerNorms without running statistics).
+    """
+    layers = _batchnorm_layers(module)
+    for bn in layers:
+        _freeze_bn_layer(bn, REASON_FREEZE_BN)
+    if layers:
+        log.info("freeze_bn: %d BatchNorm layers frozen (eval mode, statistics and affine params fixed)", len(layers))
+    else:
+        log.warning("freeze_bn: no BatchNorm layer in %s, nothing to freeze", type(module).__name__)
+    return len(layers)
+
+
+def keep_frozen_bn_in_eval(module: nn.Module) -> None:
+    """Put the frozen BatchNorm layers back in eval mode now (after `module.train()`); the forward hook also does it."""
+    for bn in _batchnorm_layers(module):
+        if is_bn_frozen(bn):
+            bn.train(False)
+
+
+def _inner_model_names(module: nn.Module) -> List[str]:
+    """Top-level children that wrap a network (OML extractors keep theirs as `.model`), for relative names."""
+    return [name for name, child in module.named_children() if len(list(child.children())) > 0]
+
+
+def resolve_submodule_names(module: nn.Module, names: Iterable[str]) -> List[str]:
+    """Map user names to dotted names of `module`: absolute ("model.layer4") or relative to a wrapped network
+    ("layer4" -> "model.layer4" for OML's ResnetExtractor, "blocks.11" / "norm" for ViTExtractor)."""
+    available = dict(module.named_modules())
+    wrappers = _inner_model_names(module)
+    resolved = []
+    for name in names:
+        name = str(name).strip()
+        if name and name in available:
+            resolved.append(name)
+            continue
+        candidates = [f"{wrapper}.{name}" for wrapper in wrappers if f"{wrapper}.{name}" in available]
+        if len(candidates) == 1:
+            resolved.append(candidates[0])
+        elif len(candidates) > 1:
+            raise ValueError(f"sub-module name {name!r} is ambiguous: it matches {candidates}; use the dotted name")
+        else:
+            top = [n for n, _ in module.named_children()]
+            inner = "; ".join(
+                f"inside `{w}`: {', '.join(n for n, _ in getattr(module, w).named_children())}" for w in wrappers
+            )
+            raise ValueError(
+                f"unknown sub-module name {name!r} for {type(module).__name__}. Valid top-level names: "
+                f"{', '.join(top)}" + (f"; {inner}" if inner else "") + " (deeper names like `layer4.1` work too)"
+            )
+    return resolved
+
+
+def _params_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
+    ids = set()
+    for prefix in prefixes:
+        ids.update(id(p) for p in module.get_submodule(prefix).parameters())
+    return ids
+
+
+def set_trainable(module: nn.Module, names: Optional[Sequence[str]]) -> List[str]:
+    """Make only the named sub-modules trainable; everything else is frozen, BatchNorm statistics included.
+
+    ``names=None``: everything trainable (except layers frozen by ``freeze_batchnorm``). ``names=[]``: nothing in
+    `module` trains (only the loss would). Returns the resolved dotted names.
+    """
+    if names is None:
+        for param in module.parameters():
+            param.requires_grad_(True)
+        for bn in _batchnorm_layers(module):
+            _unfreeze_bn_layer(bn, REASON_SET_TRAINABLE, training=module.training)
+        _refreeze_bn_params(module)
+        return []
+    if isinstance(names, str):
+        names = [names]
+    resolved = resolve_submodule_names(module, names)
+    trainable_ids = _params_under(module, resolved)
+    trainable_bn_ids = {id(m) for prefix in resolved for m in module.get_submodule(prefix).modules()}
+    for param in module.parameters():
+        param.requires_grad_(id(param) in trainable_ids)
+    for bn in _batchnorm_layers(module):
+        if id(bn) in trainable_bn_ids:
+            _unfreeze_bn_layer(bn, REASON_SET_TRAINABLE, training=module.training)
+        else:
+            _freeze_bn_layer(bn, REASON_SET_TRAINABLE)
+    _refreeze_bn_params(module)
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in module.parameters())
+    if n_trainable == 0:
+        log.warning("trainable=%s: these sub-modules have no parameters, the whole extractor is frozen", resolved)
+    log.info("trainable=%s: %d of %d extractor parameters train", resolved, n_trainable, n_total)
+    return resolved
+
+
+def _refreeze_bn_params(module: nn.Module) -> None:
+    """BN layers frozen for any reason keep requires_grad=False, whatever order the freezing calls came in."""
+    for bn in _batchnorm_layers(module):
+        if is_bn_frozen(bn):
+            for param in bn.parameters(recurse=False):
+                param.requires_grad_(False)
+
+
+class FreezeBackbone(pl.Callback):
+    """Freeze the extractor except its `head` sub-modules for the first `n_epochs` epochs, then unfreeze.
+
+    Parameters frozen here get ``requires_grad=False`` and BatchNorm layers outside the head are held in eval mode;
+    at epoch ``n_epochs`` the previous state is restored exactly, so ``set_trainable`` and ``freeze_batchnorm``
+    choices survive. The loss's parameters are not in the extractor and always train. Decided per epoch from
+    ``trainer.current_epoch``, so a resumed run freezes (or not) correctly. The extractor is
+    ``pl_module.<extractor_attr>``; by default the first of ``extractor`` / ``model`` that exists.
+
+    The optimizer may be built before the first epoch with every then-trainable parameter: frozen ones get no
+    gradient and are skipped. Under DDP this needs ``find_unused_parameters=True`` (checked in ``setup``).
+    """
+
+    def __init__(self, n_epochs: int, head: Optional[Sequence[str]] = None, extractor_attr: Optional[str] = None):
+        if isinstance(n_epochs, bool) or int(n_epochs) != n_epochs or n_epochs < 0:
+            raise ValueError(f"freeze_n_epochs must be an integer >= 0, got {n_epochs!r}")
+        self.n_epochs = int(n_epochs)
+        self.head = [head] if isinstance(head, str) else (list(head) if head is not None else [])
+        self.extractor_attr = extractor_attr
+        self._saved_requires_grad: Optional[Dict[str, bool]] = None
+
+    @property
+    def is_frozen(self) -> bool:
+        return self._saved_requires_grad is not None
+
+    def _extractor(self, pl_module: nn.Module) -> nn.Module:
+        attrs = [self.extractor_attr] if self.extractor_attr else ["extractor", "model"]
+        for attr in attrs:
+            candidate = getattr(pl_module, attr, None)
+            if isinstance(candidate, nn.Module):
+                return candidate
+        raise AttributeError(f"FreezeBackbone: {type(pl_module).__name__} has no extractor attribute among {attrs}")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        resolve_submodule_names(self._extractor(pl_module), self.head)  # fail on a bad name before training starts
+        strategy = getattr(trainer, "strategy", None)
+        if (self.n_epochs > 0 and isinstance(strategy, DDPStrategy)
+                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
+            # DDP registers every parameter at wrap time and waits for its gradient: frozen ones never come.
+            raise ValueError(
+                "freeze_n_epochs > 0 under DDP needs find_unused_parameters=True "
+                "(trainer strategy `ddp_find_unused_parameters_true`), otherwise DDP fails in the first frozen step"
+            )
+
+    def freeze(self, extractor: nn.Module) -> None:
+        if self.is_frozen:
+            return
+        head = resolve_submodule_names(extractor, self.head)
+        head_param_ids = _params_under(extractor, head)
+        head_module_ids = {id(m) for prefix in head for m in extractor.get_submodule(prefix).modules()}
+        self._saved_requires_grad = {name: p.requires_grad for name, p in extractor.named_parameters()}
+        for param in extractor.parameters():
+            if id(param) not in head_param_ids:
+                param.requires_grad_(False)
+        for bn in _batchnorm_layers(extractor):
+            if id(bn) not in head_module_ids:
+                _freeze_bn_layer(bn, REASON_FREEZE_BACKBONE)
+        log.info("freeze_n_epochs=%d: backbone frozen (trainable head: %s)", self.n_epochs, head or "none")
+
+    def unfreeze(self, extractor: nn.Module) -> None:
+        if not self.is_frozen:
+            return
+        for bn in _batchnorm_layers(extractor):
+            _unfreeze_bn_layer(bn, REASON_FREEZE_BACKBONE, training=extractor.training)
+        for name, param in extractor.named_parameters():
+            param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
+        _refreeze_bn_params(extractor)
+        self._saved_requires_grad = None
+        log.info("freeze_n_epochs=%d reached: backbone unfrozen", self.n_epochs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        extractor = self._extractor(pl_module)
+        if trainer.current_epoch < self.n_epochs:
+            self.freeze(extractor)
+        else:
+            self.unfreeze(extractor)
+        keep_frozen_bn_in_eval(extractor)
+
+
+__all__ = [
+    "freeze_batchnorm",
+    "keep_frozen_bn_in_eval",
+    "set_trainable",
+    "resolve_submodule_names",
+    "is_bn_frozen",
+    "FreezeBackbone",
+]
