@@ -8,7 +8,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from pytorch_lightning.trainer.states import TrainerFn
+from torch.utils.data import DataLoader
 
 from metriclab.data import ValidationData
 from metriclab.evaluation import evaluate_validation, publish_validation
@@ -27,6 +29,11 @@ class MetricLearningModule(pl.LightningModule):
         tracked: Optional[TrackedRun] = None,
         run_dir: Optional[Path] = None,
         checkpoint_extra: Optional[Dict[str, Any]] = None,
+        train_loader: Optional[DataLoader] = None,
+        val_loader: Optional[DataLoader] = None,
+        head: Optional[List[str]] = None,
+        group_lrs: Optional[Dict[str, Optional[float]]] = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.extractor = extractor
@@ -45,13 +52,39 @@ class MetricLearningModule(pl.LightningModule):
         self._train_batches = 0
         self.val_epoch_offset = 0  # validate.py: the epoch of the evaluated checkpoint, for step and folder names
         self.val_tag: Optional[str] = None  # "init": the pass before training, logged as init/<metric>
+        self._train_loader, self._val_loader = train_loader, val_loader
+        self.head = list(head or [])
+        self.group_lrs = {k: v for k, v in (group_lrs or {}).items() if v is not None}
+        self.channels_last = channels_last
+        self._train_flushed_epoch = -1
+        if channels_last:  # faster convolutions on GPUs with tensor cores; inputs are converted in the steps
+            self.extractor = self.extractor.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extractor(images)
+        return self.extractor(self._images(images))
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    # ------------------------------------------------------------- data (DDP)
+    def _patched(self, loader: Optional[DataLoader]) -> Optional[DataLoader]:
+        if loader is not None and self.trainer.world_size > 1:
+            # OML's wrapper splits whole batches of any (batch) sampler across ranks, padding the last ones;
+            # validation rows repeated by the padding are de-duplicated by index in _gather_embeddings
+            from oml.ddp.patching import patch_dataloader_to_ddp
+
+            return patch_dataloader_to_ddp(loader)
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self._patched(self._train_loader)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._patched(self._val_loader)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
-        embeddings = self.extractor(batch["input_tensors"])
+        embeddings = self.extractor(self._images(batch["input_tensors"]))
         loss = self.criterion(embeddings, batch["labels"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}: lower "
@@ -64,22 +97,42 @@ class MetricLearningModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
+        from metriclab.freezing import keep_frozen_bn_in_eval
+
+        keep_frozen_bn_in_eval(self.extractor)  # Lightning puts every layer back in train mode each epoch
         self._train_sums.clear()
         self._train_batches = 0
 
-    def on_train_epoch_end(self) -> None:
-        if not self._train_batches or self.tracked is None or not self.trainer.is_global_zero:
+    def _flush_train_metrics(self) -> None:
+        """Log the epoch's training metrics once, before its validation: the checkpoint written after validation
+        then never precedes them, so a resumed run has no epoch missing."""
+        if self._train_flushed_epoch == self.current_epoch or not self._train_batches:
+            return
+        self._train_flushed_epoch = self.current_epoch
+        if self.tracked is None or not self.trainer.is_global_zero:
             return
         metrics = {k: v / self._train_batches for k, v in self._train_sums.items()}
         for i, group in enumerate(self.trainer.optimizers[0].param_groups):
             metrics[f"lr/{group.get('name', i)}"] = group["lr"]
         self.tracked.log_metrics(metrics, step=self.current_epoch)
 
+    def on_train_epoch_end(self) -> None:
+        self._flush_train_metrics()
+
     def configure_optimizers(self):
+        from metriclab.freezing import resolve_submodule_names
+
+        head_names = resolve_submodule_names(self.extractor, self.head) if self.head else []
+        head_ids = {id(p) for name in head_names for p in self.extractor.get_submodule(name).parameters()}
         groups = [
-            {"name": "extractor", "params": [p for p in self.extractor.parameters() if p.requires_grad]},
+            {"name": "backbone", "params": [p for p in self.extractor.parameters()
+                                            if p.requires_grad and id(p) not in head_ids]},
+            {"name": "head", "params": [p for p in self.extractor.parameters() if p.requires_grad and id(p) in head_ids]},
             {"name": "criterion", "params": [p for p in self.criterion.parameters() if p.requires_grad]},
         ]
+        for g in groups:  # a group without its own rate uses the optimizer's
+            if g["name"] in self.group_lrs:
+                g["lr"] = float(self.group_lrs[g["name"]])
         groups = [g for g in groups if g["params"]]
         optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
@@ -90,10 +143,12 @@ class MetricLearningModule(pl.LightningModule):
     # -------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = []
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._flush_train_metrics()
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         extract = getattr(self.extractor, "extract", self.extractor)
-        embeddings = extract(batch["input_tensors"])
+        embeddings = extract(self._images(batch["input_tensors"]))
         self._val_outputs.append((batch["idx"].detach(), embeddings.detach().float()))
 
     def _gather_embeddings(self) -> torch.Tensor:

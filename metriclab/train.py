@@ -16,6 +16,8 @@ from metriclab.config import ConfigError, build
 from metriclab.data import build_train_data, build_validation_data, read_dataset_csv
 from metriclab.evaluation import format_metrics_table
 from metriclab.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
+from metriclab.freezing import FreezeBackbone, freeze_batchnorm, set_trainable
+from metriclab.losses import criterion_needs_balanced_batches
 from metriclab.module import MetricLearningModule
 from metriclab.tracking import tracked_run, write_json_atomic
 
@@ -62,6 +64,17 @@ def resolve_resume(cfg: DictConfig) -> Tuple[Optional[Path], Optional[str]]:
     return Path(ckpt_path), (ckpt.get("metriclab") or {}).get("mlflow_run_id")
 
 
+def apply_freezing(extractor: torch.nn.Module, node: DictConfig) -> None:
+    """`extractor.trainable=[...]` (only those sub-modules train) and `extractor.freeze_bn=true`."""
+    if node.get("trainable") is not None:
+        try:
+            set_trainable(extractor, list(node.trainable))
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"`extractor.trainable={list(node.trainable)}`: {e}") from e
+    if node.get("freeze_bn"):
+        freeze_batchnorm(extractor)
+
+
 def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, DataLoader, Any]:
     sampler = None
     if cfg.get("sampler") is not None:
@@ -103,30 +116,42 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                  train_data.n_classes, int(val_data.is_query.sum()), int(val_data.is_gallery.sum()))
 
         extractor = build_extractor(cfg.extractor)
+        apply_freezing(extractor, cfg.extractor)
         emb_size = int(extractor.feat_dim)
         criterion = build(cfg.criterion, "criterion", num_classes=train_data.n_classes, embedding_size=emb_size,
                           in_features=emb_size, label2category=train_data.label2category)
+        if cfg.get("sampler") is None and criterion_needs_balanced_batches(criterion):
+            raise ConfigError(f"criterion {cfg.criterion._target_} mines triplets inside a batch and needs n x k "
+                              f"batches: use sampler=balance or sampler=category_balance, not sampler=null")
         train_loader, val_loader, _ = build_loaders(cfg, train_data, val_data)
         optimizer_factory = build(cfg.optimizer, "optimizer")
         scheduler_factory = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
 
         module = MetricLearningModule(
             extractor, criterion, optimizer_factory, val_data, cfg.evaluation,
-            scheduler_factory=scheduler_factory, tracked=tracked, run_dir=run_dir,
+            scheduler_factory=scheduler_factory, tracked=tracked if is_main else None,
+            run_dir=run_dir if is_main else None,
             checkpoint_extra={"extractor_cfg": OmegaConf.to_container(extractor_constructor_cfg(cfg.extractor)),
                               "run_dir": str(run_dir)},
+            train_loader=train_loader, val_loader=val_loader, head=cfg.get("head"),
+            group_lrs={"backbone": cfg.get("lr_backbone"), "head": cfg.get("lr_head"),
+                       "criterion": cfg.get("lr_criterion")},
+            channels_last=bool(cfg.get("channels_last")),
         )
         checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
                                      monitor=f"val/{cfg.metric_for_checkpointing}", mode=cfg.mode_for_checkpointing,
                                      save_top_k=1, save_last=True, auto_insert_metric_name=False)
+        callbacks = [checkpoint]
+        if cfg.get("freeze_n_epochs"):
+            callbacks.append(FreezeBackbone(int(cfg.freeze_n_epochs), head=cfg.get("head")))
         trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False,
-                                    callbacks=[checkpoint], default_root_dir=str(run_dir))
+                                    callbacks=callbacks, default_root_dir=str(run_dir))
         init_metrics = None
         if cfg.get("validate_before_training") and ckpt_path is None:
             module.val_tag = "init"  # the untrained model's numbers, for the before/after comparison
-            trainer.validate(module, val_loader, verbose=False)
+            trainer.validate(module, verbose=False)
             init_metrics, module.val_tag = module.last_metrics, None
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
         metrics = module.last_metrics
         if trainer.is_global_zero and metrics:

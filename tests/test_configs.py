@@ -35,9 +35,9 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("name", PRIMARY)
 def test_primary_config_composes_and_resolves(tmp_path, name):
     cfg = compose_cfg(name, _base(tmp_path))
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    container = OmegaConf.to_container(cfg, resolve=True)  # `???` values (e.g. predict's ckpt) stay required
     assert container["paths"]["outputs_dir"] == str(tmp_path)
-    assert container["task"] in {"train", "validate"}
+    assert container["task"] in {"train", "validate", "predict", "explain", "report"}
     if "logger" in container:
         assert container["logger"]["tracking_uri"].startswith("sqlite:///") or "MLFLOW_TRACKING_URI" in __import__("os").environ
 
