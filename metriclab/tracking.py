@@ -76,12 +76,17 @@ class TrackedRun:
     mlflow_run_id: Optional[str] = None
     mlflow_client: Any = None
     _logged_artifacts: List[str] = field(default_factory=list)
+    #: resumed run: the last step already logged per metric, so a re-run epoch is not logged twice
+    logged_until: Dict[str, int] = field(default_factory=dict)
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         """Log with step = epoch (Lightning would use the global step)."""
         for lg in self.loggers:
             if isinstance(lg, MLFlowLogger):
-                lg.log_metrics({mlflow_metric_key(k): v for k, v in metrics.items()}, step=step)
+                fresh = {mlflow_metric_key(k): v for k, v in metrics.items()
+                         if step > self.logged_until.get(mlflow_metric_key(k), -1)}
+                if fresh:
+                    lg.log_metrics(fresh, step=step)
             else:
                 lg.log_metrics(metrics, step=step)
 
@@ -229,6 +234,9 @@ def tracked_run(
                 else:
                     loggers.append(build(node, "logger", save_dir=str(run_dir), name=run_name))
             tracked = TrackedRun(loggers, run_dir, run_name, run_id, client)
+            if client is not None and resume_run_id:
+                for key in client.get_run(run_id).data.metrics:
+                    tracked.logged_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
             if client is not None and not resume_run_id:
                 _log_params(client, run_id, cfg)
             if is_main_process:

@@ -96,6 +96,8 @@ def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, Da
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Train and validate every epoch; returns run dir, checkpoints, last metrics and the tracker run id."""
     run_dir, run_name, overrides = job_identity(cfg)
+    if cfg.get("resume"):
+        run_dir = Path(cfg.resume)  # a resumed run keeps writing where it started
     if cfg.metric_for_checkpointing not in expected_metric_keys(cfg.evaluation):
         raise ConfigError(f"metric_for_checkpointing={cfg.metric_for_checkpointing} is not computed; choose one of "
                           f"{expected_metric_keys(cfg.evaluation)}")

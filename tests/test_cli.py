@@ -73,3 +73,37 @@ def test_multirun_gives_one_finished_run_per_job(tmp_path, tiny_dataset):
                                                                   "metriclab.losses.ArcFaceLoss"}
     assert len({r.info.run_name for r in runs}) == 2
     assert all(r.info.run_name.startswith("sweep-") for r in runs)
+
+
+def test_resume_after_sigkill_continues_the_same_run_without_gaps_or_duplicates(tmp_path, tiny_dataset):
+    import torch
+
+    args = [sys.executable, "scripts/train.py", *_cli_overrides(tmp_path, tiny_dataset)]
+    proc = subprocess.Popen(args + ["trainer.max_epochs=300"], cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((tmp_path / "outputs" / "train").glob("*/checkpoints/last.ckpt")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)  # no clean-up at all: the run is left RUNNING, as after a crash
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_dir = next((tmp_path / "outputs" / "train").glob("*/checkpoints/last.ckpt")).parent.parent
+    killed_epoch = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    client, runs = _runs(tmp_path)
+    assert [r.info.status for r in runs] == ["RUNNING"]
+    run_id = runs[0].info.run_id
+
+    final_epochs = killed_epoch + 3
+    done = subprocess.run(args + [f"resume={run_dir}", f"trainer.max_epochs={final_epochs}"], cwd=REPO_ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+    for key in ("val/mAP", "train/loss", "lr/backbone"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(final_epochs)), (key, sorted(steps))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == final_epochs - 1
