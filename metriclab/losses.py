@@ -306,7 +306,7 @@ class ClassificationTripletLoss(nn.Module):
 
 def criterion_needs_balanced_batches(criterion: nn.Module) -> bool:
     """True when the criterion (or a part of it) mines triplets inside the batch: such a batch needs >= 2 labels
-    with >= 2 images each (OML asserts it), i.e. `sampler=balance` or `sampler=category_balance`, not `sampler=null`."""
+    with >= 2 images each (OML asserts it), i.e. `sampler=balance` or `sampler=category_balance`, not `~sampler`."""
     for module in [criterion, *criterion.modules()]:
         miner = getattr(module, "miner", None)
         if isinstance(module, ITripletLossWithMiner) and isinstance(miner, ITripletsMinerInBatch):

@@ -102,6 +102,9 @@ class MetricLearningModule(pl.LightningModule):
         keep_frozen_bn_in_eval(self.extractor)  # Lightning puts every layer back in train mode each epoch
         self._train_sums.clear()
         self._train_batches = 0
+        # the rates this epoch trains with (an epoch-interval scheduler steps before the epoch's metrics are logged)
+        self._epoch_lrs = {f"lr/{g.get('name', i)}": g["lr"]
+                           for i, g in enumerate(self.trainer.optimizers[0].param_groups)}
 
     def _flush_train_metrics(self) -> None:
         """Log the epoch's training metrics once, before its validation: the checkpoint written after validation
@@ -112,8 +115,7 @@ class MetricLearningModule(pl.LightningModule):
         if self.tracked is None or not self.trainer.is_global_zero:
             return
         metrics = {k: v / self._train_batches for k, v in self._train_sums.items()}
-        for i, group in enumerate(self.trainer.optimizers[0].param_groups):
-            metrics[f"lr/{group.get('name', i)}"] = group["lr"]
+        metrics.update(self._epoch_lrs)
         self.tracked.log_metrics(metrics, step=self.current_epoch)
 
     def on_train_epoch_end(self) -> None:

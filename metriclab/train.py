@@ -124,7 +124,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                           in_features=emb_size, label2category=train_data.label2category)
         if cfg.get("sampler") is None and criterion_needs_balanced_batches(criterion):
             raise ConfigError(f"criterion {cfg.criterion._target_} mines triplets inside a batch and needs n x k "
-                              f"batches: use sampler=balance or sampler=category_balance, not sampler=null")
+                              f"batches: use sampler=balance or sampler=category_balance (not ~sampler)")
         train_loader, val_loader, _ = build_loaders(cfg, train_data, val_data)
         optimizer_factory = build(cfg.optimizer, "optimizer")
         scheduler_factory = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
