@@ -1,0 +1,61 @@
+"""The experiment configs: what each one sets, and that each trains end to end (CPU, random init, tiny data)."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from metriclab.config import flatten
+from metriclab.paths import CONFIGS_DIR
+from metriclab.train import train
+from tests.conftest import compose_cfg, fast_overrides
+
+EXPERIMENTS = ["market_arcface", "market_triplet", "market_bot", "cars_triplet", "cars_arcface", "fruits_arcface",
+               "fruits_cosface", "fruits_sphereface", "fruits_subcenter_arcface", "digits_demo"]
+
+
+def _plain(name, tmp_path):
+    return compose_cfg(name, [f"paths.outputs_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                              f"dataset.root={tmp_path}"])
+
+
+def test_every_experiment_config_is_listed():
+    primaries = {p.stem for p in CONFIGS_DIR.glob("*.yaml")} - {"train", "validate", "predict", "explain"}
+    assert primaries == set(EXPERIMENTS)
+
+
+def test_experiments_set_what_their_recipes_say(tmp_path):
+    market = {n: _plain(n, tmp_path) for n in ("market_arcface", "market_triplet", "market_bot")}
+    for cfg in market.values():
+        assert (cfg.transforms.train.height, cfg.transforms.train.width) == (256, 128)
+        assert (cfg.sampler.n_labels, cfg.sampler.n_instances) == (16, 4)
+        assert cfg.extractor.weights == "resnet50_imagenet1k_v1" and cfg.metric_for_checkpointing == "mAP"
+    assert market["market_triplet"].criterion.margin == 0.3
+    assert market["market_bot"].criterion.triplet.margin == 0.3
+    assert market["market_bot"].criterion.classification.label_smoothing == 0.1
+    assert list(market["market_bot"].scheduler.milestones) == [40, 70] and market["market_bot"].trainer.max_epochs == 120
+    assert market["market_arcface"].criterion._target_ == "metriclab.losses.ArcFaceLoss"
+    cars = _plain("cars_triplet", tmp_path)
+    assert list(cars.evaluation.cmc_top_k) == [1, 2, 4, 8] and cars.extractor.weights == "vits16_dino"
+    assert cars.sampler._target_.endswith("CategoryBalanceSampler")
+    # the four fruit configs differ only in the loss: one multirun over `criterion` compares them
+    base = dict(flatten(_plain("fruits_arcface", tmp_path)))
+    for loss in ("cosface", "sphereface", "subcenter_arcface"):
+        other = dict(flatten(_plain(f"fruits_{loss}", tmp_path)))
+        differing = {k for k in base.keys() | other.keys() if base.get(k) != other.get(k)}
+        assert differing and all(k.startswith("criterion.") or k == "timestamp" for k in differing), differing
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_trains_one_epoch_on_cpu(tmp_path, tiny_dataset, name):
+    cfg = _plain(name, tmp_path)
+    overrides = fast_overrides(tmp_path, tiny_dataset) + ["trainer=cpu", "sampler.n_labels=2",
+                                                          "sampler.n_instances=3", "num_workers=0",
+                                                          "trainer.check_val_every_n_epoch=1"]
+    if "n_categories" in cfg.sampler:
+        overrides.append("sampler.n_categories=2")
+    if cfg.get("scheduler") is not None and "warmup_epochs" in cfg.scheduler:
+        overrides.append("scheduler.warmup_epochs=0")
+    result = train(compose_cfg(name, overrides))
+    assert 0.0 < result["metrics"]["mAP"] <= 1.0 and result["metrics"]["n_queries"] == 18
+    saved = OmegaConf.load(result["run_dir"] / "config.yaml")
+    assert saved.criterion._target_ == cfg.criterion._target_  # the experiment's loss, not the base default
