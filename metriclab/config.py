@@ -40,10 +40,11 @@ def build(node: DictConfig, key: str, **runtime: Any) -> Any:
         target = get_object(node._target_)
     except Exception as e:  # hydra wraps import errors; keep the key in the message
         raise ConfigError(f"`{key}._target_={node._target_}` cannot be imported: {e}") from e
-    params = _signature_params(target)
-    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    extra = {k: v for k, v in runtime.items() if (k in params or accepts_var_kw) and k not in node}
+    params = _signature_params(target)  # **kwargs does not count: a runtime value goes only where it is declared
+    extra = {k: v for k, v in runtime.items() if k in params and k not in node}
     try:
+        if "_convert_" not in node:  # plain lists/dicts: libraries type-check them (neptune, albumentations)
+            extra["_convert_"] = "all"
         return instantiate(node, **extra)
     except InstantiationException as e:
         raise ConfigError(f"`{key}` could not be built: {e}") from e

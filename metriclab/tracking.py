@@ -239,6 +239,9 @@ def tracked_run(
                     tracked.logged_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
             if client is not None and not resume_run_id:
                 _log_params(client, run_id, cfg)
+            for lg in loggers:
+                if not isinstance(lg, MLFlowLogger):
+                    lg.log_hyperparams({k: str(v) for k, v in flatten(cfg) if k})
             if is_main_process:
                 config_yaml = run_dir / "config.yaml"
                 write_text_atomic(config_yaml, OmegaConf.to_yaml(cfg, resolve=True))
