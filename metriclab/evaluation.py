@@ -196,7 +196,7 @@ def format_metrics_table(metrics: Dict[str, Any]) -> str:
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for k in sorted(metrics):
         v = metrics[k]
-        is_count = k.startswith("n_") and float(v).is_integer()
+        is_count = k.rsplit("/", 1)[-1].startswith("n_") and float(v).is_integer()
         lines.append(f"{k:<{width}}  {int(v)}" if is_count else f"{k:<{width}}  {v:.4f}")
     return "\n".join(lines)
 

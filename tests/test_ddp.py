@@ -1,0 +1,42 @@
+"""Lightning DDP on 2 CPU processes (gloo): one MLflow run, and validation identical to one process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from metriclab.paths import REPO_ROOT
+from tests.test_cli import ENV, _cli_overrides
+
+
+def _run(args, timeout=400):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_training_is_one_run_and_validation_matches_one_process(tmp_path, tiny_dataset):
+    train_args = ["scripts/train.py", *_cli_overrides(tmp_path, tiny_dataset), "trainer=ddp", "trainer.devices=2",
+                  "trainer.max_epochs=2", "sampler.n_labels=2"]
+    _run(train_args)
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # rank 1 opened no run of its own
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mAP")) == [0, 1]
+    run_dir = next((tmp_path / "outputs" / "train").glob("*/checkpoints/best.ckpt")).parent.parent
+    assert (run_dir / "train_ddp_process_1.log").exists()
+
+    metrics = {}
+    for trainer in ("cpu", "ddp"):
+        out = tmp_path / f"validate_{trainer}"
+        _run(["scripts/validate.py", f"paths.outputs_dir={out}", f"trainer={trainer}", "transforms=digits",
+              f"dataset.root={tiny_dataset}", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}",
+              "evaluation.tsne=false", "num_threads=1", "trainer.enable_progress_bar=false"])
+        metrics[trainer] = json.loads(next(out.glob("validate/*/metrics.json")).read_text())
+    assert metrics["ddp"].keys() == metrics["cpu"].keys()
+    assert metrics["ddp"] == pytest.approx(metrics["cpu"], abs=1e-6)
+    assert metrics["cpu"]["n_queries"] == 18
