@@ -59,7 +59,7 @@ BLOCK_BYTES = 64 * 2**20
 # A block is also cut so that its (query, gallery) true-match / exclusion pairs stay bounded (few labels, big
 # galleries).
 PAIR_BUDGET = 2_000_000
-# Rows of embeddings per chunk when accumulating the covariance for pcf.
+# Rows of embeddings per chunk in whole-matrix passes (squared norms, pcf covariance, finiteness report).
 _PCF_CHUNK_ROWS = 8192
 
 PER_QUERY_COLUMNS = ("query_index", "valid", "first_hit_rank", "ap", "inp", "n_true")
@@ -579,8 +579,8 @@ def _run_exact(q_emb, g_emb, q_lab, g_lab, positives, excluders, blocks, distanc
         bias = None
     else:
         q_side, g_side = q_emb, g_emb
-        bias = (g_emb * g_emb).sum(1)[None, :]  # key = |g|^2 - 2 q.g: the row constant |q|^2 does not change a ranking
-        q_sqnorm = (q_emb * q_emb).sum(1).numpy()
+        bias = _squared_norms(g_emb)[None, :]  # key = |g|^2 - 2 q.g: the row constant |q|^2 cannot change a ranking
+        q_sqnorm = _squared_norms(q_emb).numpy()
     g_side_t = g_side.T
     max_rows = max(hi - lo for lo, hi in blocks)
     buffer = torch.empty(max_rows, n_g, dtype=torch.float32)
@@ -618,6 +618,11 @@ def _run_exact(q_emb, g_emb, q_lab, g_lab, positives, excluders, blocks, distanc
             list(pool.map(lambda ab: key[ab[0] : ab[1]].sort(axis=1), zip(bounds[:-1], bounds[1:])))
             rows, k, rank = _pessimistic_ranks(pos_rows, pos_keys, key)
             state.add_ranks(lo, hi, rows, k, rank, complete=True)
+
+
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """Row sums of squares, in chunks so no N×D temporary is made."""
+    return torch.cat([(c * c).sum(1) for c in x.split(_PCF_CHUNK_ROWS)])
 
 
 def _unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
