@@ -31,6 +31,9 @@ ui: install            ## MLflow UI over the embedded store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
 		--default-artifact-root $(CURDIR)/outputs/mlartifacts --host 127.0.0.1 --port 5000
 
+report: install        ## compare the MLflow runs: outputs/report/report.md [EXPERIMENT=name]
+	$(PY) scripts/report.py $(if $(EXPERIMENT),--experiment "$(EXPERIMENT)")
+
 worst: install         ## fetch and list a run's worst-query grids: make worst RUN=<mlflow run id>
 	@test -n "$(RUN)" || { echo "usage: make worst RUN=<mlflow run id>"; exit 2; }
 	$(PY) scripts/worst.py "$(RUN)"

@@ -56,13 +56,13 @@ def select_worst_queries(report: RetrievalReport, n: int) -> pd.DataFrame:
     return worst.drop(columns="_rank_key")
 
 
-def _read_tile(path: Path, size: int = 128) -> np.ndarray:
+def read_tile(path: Path, size: int = 128) -> np.ndarray:
     img = Image.open(path).convert("RGB")
     img.thumbnail((size, size))
     return np.asarray(img)
 
 
-def _atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
+def atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
@@ -118,7 +118,7 @@ def draw_worst_queries(
     names = data.df["class_name"].astype(str).to_numpy() if "class_name" in data.df.columns else labels.astype(str)
 
     def tile(ax, row: int, caption: str, color: str) -> None:
-        ax.imshow(_read_tile(data.root / paths[row]))
+        ax.imshow(read_tile(data.root / paths[row]))
         ax.set_title(caption, fontsize=6.5, color="black")
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
@@ -153,7 +153,7 @@ def draw_worst_queries(
                  f"Green = right, red = wrong, gray = true matches missed from the top {k}. "
                  f"Distance: {report.distance}", fontsize=8)
     fig.tight_layout()
-    _atomic_savefig(fig, out_png)
+    atomic_savefig(fig, out_png)
     plt.close(fig)
     return worst
 
@@ -224,7 +224,7 @@ def save_tsne(embeddings: torch.Tensor, labels: np.ndarray, out_png: Path, max_p
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    _atomic_savefig(fig, out_png, dpi=100)
+    atomic_savefig(fig, out_png, dpi=100)
     plt.close(fig)
     return out_png
 
