@@ -70,7 +70,11 @@ def extractor_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 def load_extractor_weights(extractor: torch.nn.Module, path: str | Path) -> Dict[str, Any]:
     ckpt = load_checkpoint(path)
     sd = extractor_state_dict(ckpt)
-    missing, unexpected = extractor.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = extractor.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes differ: another architecture
+        raise ConfigError(f"{path} does not match the configured extractor ({str(e).splitlines()[1].strip()}). Use "
+                          f"the same `extractor` config as the training run") from e
     if missing or unexpected:
         raise ConfigError(f"{path} does not match the configured extractor: missing keys {missing[:5]}, unexpected "
                           f"keys {unexpected[:5]}. Use the same `extractor` config as the training run")

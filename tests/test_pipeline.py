@@ -159,3 +159,27 @@ def test_make_worst_fetches_the_grids_of_a_run(trained, tmp_path, capsys):
     assert table[0] == "query_index,path,label,first_hit_rank,ap" and len(table) == 6  # 5 worst queries
     assert "epoch_001/worst_queries.png" in out
     assert worst.main(["no-such-run", "--tracking-uri", uri]) == 2
+
+
+def test_validate_accepts_an_extractor_state_dict_and_rejects_bad_weights(trained, tmp_path):
+    import torch
+
+    tmp, root, result = trained
+    base = fast_overrides(tmp_path, root)
+    sd = torch.load(result["last_ckpt"], weights_only=True)["state_dict"]
+    weights = tmp_path / "extractor.pth"  # what a user exports: the extractor alone, no loss weights
+    torch.save({k[len("extractor."):]: v for k, v in sd.items() if k.startswith("extractor.")}, weights)
+    v = validate(compose_cfg("validate", base + [f"ckpt={weights}", "evaluation.tsne=false"]))
+    assert v["metrics"] == pytest.approx(result["metrics"])
+    with pytest.raises(ConfigError, match="does not match the configured extractor"):
+        validate(compose_cfg("validate", base + [f"ckpt={weights}", "extractor=resnet50", "evaluation.tsne=false",
+                                                 f"paths.run_dir={tmp_path}/r2"]))
+    with pytest.raises(ConfigError, match="neither a zoo key"):
+        validate(compose_cfg("validate", base + ["extractor.weights=resnet18_imagenet9k", f"paths.run_dir={tmp_path}/r3"]))
+
+
+@pytest.mark.parametrize("option", ["channels_last=true", "trainer.precision=bf16-mixed"])
+def test_speed_options_train_on_cpu(tmp_path, tiny_dataset, option):
+    result = train(compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES +
+                               ["trainer.max_epochs=1", option]))
+    assert 0.0 < result["metrics"]["mAP"] <= 1.0
