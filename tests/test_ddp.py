@@ -31,12 +31,14 @@ def test_ddp_training_is_one_run_and_validation_matches_one_process(tmp_path, ti
     assert (run_dir / "train_ddp_process_1.log").exists()
 
     metrics = {}
-    for trainer in ("cpu", "ddp"):
-        out = tmp_path / f"validate_{trainer}"
-        _run(["scripts/validate.py", f"paths.outputs_dir={out}", f"trainer={trainer}", "transforms=digits",
+    for devices in (1, 2):  # `trainer.devices=2` on the default CPU trainer: Lightning DDP, 2 processes
+        out = tmp_path / f"validate_{devices}"
+        _run(["scripts/validate.py", f"paths.outputs_dir={out}", f"trainer.devices={devices}", "transforms=digits",
               f"dataset.root={tiny_dataset}", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}",
               "evaluation.tsne=false", "num_threads=1", "trainer.enable_progress_bar=false"])
-        metrics[trainer] = json.loads(next(out.glob("validate/*/metrics.json")).read_text())
-    assert metrics["ddp"].keys() == metrics["cpu"].keys()
-    assert metrics["ddp"] == pytest.approx(metrics["cpu"], abs=1e-6)
-    assert metrics["cpu"]["n_queries"] == 18
+        metrics[devices] = json.loads(next(out.glob("validate/*/metrics.json")).read_text())
+        if devices == 2:
+            assert list(out.glob("validate/*/*_ddp_process_1.log"))  # really 2 processes
+    assert metrics[2].keys() == metrics[1].keys()
+    assert metrics[2] == pytest.approx(metrics[1], abs=1e-6)
+    assert metrics[1]["n_queries"] == 18
