@@ -24,13 +24,14 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from metriclab.atomic import replace_markdown_section
 
 SECTION = "## Evaluation engine"
 ABOUT = """`metriclab.retrieval_metrics.evaluate_retrieval` (exact CMC@k, re-ID mAP over the whole ranking, mINP, OML's
@@ -306,19 +307,7 @@ def summarise(results: dict, load_before, load_after) -> tuple[str, bool]:
 
 def update_docs(path: Path, body: str) -> None:
     """Replace (or add) this benchmark's `## Evaluation engine` section; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1 :])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_markdown_section(path, SECTION, body)
 
 
 def main() -> int:

@@ -25,7 +25,6 @@ import datetime as dt
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from metriclab.atomic import replace_markdown_section  # noqa: E402
 from metriclab.search_index import IndexSpec, build_index, search  # noqa: E402
 
 SECTION = "## Search index"
@@ -86,19 +86,7 @@ def cpu_model() -> str:
 
 def update_docs(path: Path, body: str) -> None:
     """Replace (or add) this benchmark's `## Search index` section; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1 :])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_markdown_section(path, SECTION, body)
 
 
 def main() -> int:

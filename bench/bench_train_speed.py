@@ -51,6 +51,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import metriclab.config  # noqa: E402,F401  (registers the repo_root resolver the configs use)
 import metriclab.train as train_mod  # noqa: E402
+from metriclab.atomic import replace_markdown_section  # noqa: E402
 from metriclab.config import build  # noqa: E402
 from metriclab.data import TrainData, build_train_data, read_dataset_csv  # noqa: E402
 from metriclab.module import MetricLearningModule  # noqa: E402
@@ -508,16 +509,7 @@ def update_docs(path: Path, title: str, sub: str) -> None:
             subs[chunk.split("\n", 1)[0].strip()] = "### " + chunk.strip("\n") + "\n"
     subs[title] = sub
     ordered = sorted(subs, key=lambda t: int(t.split("×")[0]) if t.split("×")[0].isdigit() else 0)
-    section = f"{SECTION}\n\n{intro()}\n\n" + "\n".join(subs[t] for t in ordered)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_markdown_section(path, SECTION, f"{intro()}\n\n" + "\n".join(subs[t] for t in ordered))
 
 
 def main() -> int:

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import sys
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from oml.const import (
     Y2_COLUMN,
 )
 from oml.utils.dataframe_format import check_retrieval_dataframe_format
+
+from metriclab.atomic import atomic_write
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -236,29 +237,18 @@ def summarize(conversion: Conversion) -> str:
     return "\n".join(lines)
 
 
-def _current_umask() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
 def write_csv_atomically(df: pd.DataFrame, out_path: Path, dataset_root: Path) -> None:
     """Write next to the target, re-read and check it as OML will, then rename over the target."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
             df.to_csv(f, index=False)
             f.flush()
             os.fsync(f.fileno())
         # What OML reads back is what counts (blank is_query/is_gallery on train rows, integer labels).
-        validate_dataframe(pd.read_csv(tmp_name), dataset_root)
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes it owner-only; give it a normal file's mode
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        validate_dataframe(pd.read_csv(tmp), dataset_root)
+
+    atomic_write(out_path, write)
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

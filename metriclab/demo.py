@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, open_dict
 
-from metriclab.tracking import write_json_atomic
+from metriclab.atomic import write_json_atomic
 from metriclab.train import train
 from metriclab.validate import validate
 

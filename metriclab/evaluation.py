@@ -5,8 +5,6 @@ and draws what a person looks at.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +18,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from metriclab.atomic import atomic_write  # noqa: E402
 from metriclab.data import ValidationData  # noqa: E402
 from metriclab.retrieval_metrics import RetrievalReport, evaluate_retrieval  # noqa: E402
 
@@ -63,11 +62,7 @@ def read_tile(path: Path, size: int = 128) -> np.ndarray:
 
 
 def atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
 
 
 def _missed_true_matches(
@@ -171,11 +166,7 @@ def worst_queries_table(worst: pd.DataFrame, data: ValidationData) -> pd.DataFra
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def save_worst_queries(
@@ -235,7 +226,7 @@ def publish_validation(
 ) -> None:
     """Log metrics (step = epoch), write metrics.json, the worst-query grid + CSV and (if asked) the t-SNE plot.
     `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`, files under `<tag>/`."""
-    from metriclab.tracking import write_json_atomic
+    from metriclab.atomic import write_json_atomic
 
     metrics = {k: float(v) for k, v in report.metrics.items()}
     prefix, folder = (tag, tag) if tag else ("val", f"epoch_{epoch:03d}")

@@ -31,7 +31,7 @@ from metriclab.config import ConfigError, build
 from metriclab.data import read_dataset_csv
 from metriclab.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint, load_extractor_weights
 from metriclab.search_index import GalleryIndex, IndexSpec, file_sha256, files_fingerprint, load_or_build_gallery
-from metriclab.tracking import write_json_atomic
+from metriclab.atomic import write_json_atomic
 from metriclab.train import job_identity
 
 log = logging.getLogger(__name__)

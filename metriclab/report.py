@@ -15,7 +15,6 @@ import html
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -26,6 +25,7 @@ matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from metriclab.atomic import atomic_write, write_text_atomic  # noqa: E402
 from metriclab.config import ConfigError  # noqa: E402
 from metriclab.paths import OUTPUTS_DIR  # noqa: E402
 
@@ -36,26 +36,13 @@ TRAIN_LOSS = "train/loss"
 MAX_COMPARED = 12
 
 
-# Local writers and key rule: metriclab.tracking / metriclab.evaluation import Lightning and torch, which would
-# triple the start-up time of `make report`. Same behaviour: temporary file in the folder, then os.replace.
-def _atomic(path: Path, write, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
+# metriclab.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
 def _write_text(path: Path, text: str) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text), ".tmp")
+    write_text_atomic(path, text)
 
 
 def _savefig(fig, path: Path, dpi: int = 90) -> None:
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
 
 
 def mlflow_metric_key(key: str) -> str:
@@ -344,7 +331,7 @@ def write_report(tracking_uri: Optional[str] = None, out_dir: Optional[Path] = N
                       "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
                       + "\n".join(body) + "</body></html>\n")
     report_csv = out_dir / "report.csv"
-    _atomic(report_csv, lambda tmp: table.to_csv(tmp, index=False), ".csv")
+    atomic_write(report_csv, lambda tmp: table.to_csv(tmp, index=False), ".csv")
     return {"markdown": report_md, "html": report_html, "csv": report_csv, "compare_png": compare_png,
             "curve_pngs": curve_pngs, "table": table, "summaries": summaries}
 

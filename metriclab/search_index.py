@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -32,7 +31,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from metriclab.config import ConfigError
-from metriclab.tracking import write_json_atomic
+from metriclab.atomic import atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +170,6 @@ def key_of(parts: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 @dataclass
 class GalleryIndex:
     """Gallery embeddings, what each row is, the faiss index, and where they came from."""
@@ -248,8 +234,8 @@ def load_or_build_gallery(
         table = _check_table(pd.DataFrame(table), len(embeddings))
         if entry is not None:
             # meta.json last: an interrupted write leaves no meta, so the entry is rebuilt next time
-            _atomic_write(entry / "embeddings.npy", lambda p: np.save(p, embeddings), ".npy")
-            _atomic_write(entry / "gallery.csv", lambda p: table.to_csv(p, index=False), ".csv")
+            atomic_write(entry / "embeddings.npy", lambda p: np.save(p, embeddings), ".npy")
+            atomic_write(entry / "gallery.csv", lambda p: table.to_csv(p, index=False), ".csv")
             write_json_atomic(entry / "meta.json", {"gallery_key": gallery_key, "parts": key_parts,
                                                     "n": int(len(embeddings)), "dim": int(embeddings.shape[1])})
 
@@ -267,7 +253,7 @@ def load_or_build_gallery(
     if index is None:
         index = build_index(embeddings, spec)
         if index_path is not None:
-            _atomic_write(index_path, lambda p: faiss.write_index(index, p), ".faiss")
+            atomic_write(index_path, lambda p: faiss.write_index(index, p), ".faiss")
     return GalleryIndex(embeddings, table, index, spec, entry, loaded is not None, index_from_cache)
 
 

@@ -19,7 +19,7 @@ from metriclab.extractors import build_extractor, extractor_constructor_cfg, loa
 from metriclab.freezing import FreezeBackbone, freeze_batchnorm, set_trainable
 from metriclab.losses import criterion_needs_balanced_batches
 from metriclab.module import MetricLearningModule
-from metriclab.tracking import tracked_run, write_json_atomic
+from metriclab.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 

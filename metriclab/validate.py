@@ -8,8 +8,6 @@ What is evaluated, in order of precedence:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -20,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
+from metriclab.atomic import atomic_write
 from metriclab.config import ConfigError, build
 from metriclab.data import ValidationData, build_validation_data, read_dataset_csv
 from metriclab.evaluation import evaluate_validation, format_metrics_table, publish_validation
@@ -57,12 +56,8 @@ def load_embeddings_npz(path: str | Path, data: ValidationData) -> torch.Tensor:
 
 
 def save_embeddings_npz(path: Path, embeddings: torch.Tensor, data: ValidationData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, embeddings=embeddings.numpy().astype(np.float32), paths=data.paths.astype(str),
-             labels=data.labels)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, embeddings=embeddings.numpy().astype(np.float32),
+                                            paths=data.paths.astype(str), labels=data.labels), ".npz")
 
 
 def _build_model(cfg: DictConfig):
