@@ -251,6 +251,10 @@ def tracked_run(
                 if not isinstance(lg, MLFlowLogger):
                     with contextlib.suppress(Exception):
                         lg.finalize("success" if status == "FINISHED" else "failed")
+                    run = getattr(lg, "_run_instance", None)  # Neptune: stop the run with the job, not at exit
+                    if run is not None:
+                        with contextlib.suppress(Exception):
+                            run.stop()
             _restore_tracking_uri(env_uri)
 
 
