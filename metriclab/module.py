@@ -52,6 +52,7 @@ class MetricLearningModule(pl.LightningModule):
         self._train_batches = 0
         self.val_epoch_offset = 0  # validate.py: the epoch of the evaluated checkpoint, for step and folder names
         self.val_tag: Optional[str] = None  # "init": the pass before training, logged as init/<metric>
+        self.last_validated_epoch = -1
         self._train_loader, self._val_loader = train_loader, val_loader
         self.head = list(head or [])
         self.group_lrs = {k: v for k, v in (group_lrs or {}).items() if v is not None}
@@ -118,6 +119,10 @@ class MetricLearningModule(pl.LightningModule):
         metrics.update(self._epoch_lrs)
         self.tracked.log_metrics(metrics, step=self.current_epoch)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.is_last_batch:  # before the epoch-end checkpoint callbacks run
+            self._flush_train_metrics()
+
     def on_train_epoch_end(self) -> None:
         self._flush_train_metrics()
 
@@ -177,6 +182,8 @@ class MetricLearningModule(pl.LightningModule):
         self.last_metrics, self.last_report, self.last_embeddings = metrics, report, embeddings
         # every rank logs the same values: checkpointing may monitor them on any rank
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if not math.isnan(v)}, logger=False)
+        if not self.val_tag:
+            self.last_validated_epoch = self.current_epoch + self.val_epoch_offset
         if not self.trainer.is_global_zero:
             return
         publish_validation(report, embeddings, self.val_data, self.eval_cfg, self.tracked, self.run_dir,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -93,6 +94,10 @@ def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, Da
     return train_loader, val_loader, sampler
 
 
+def _existing(path: Path) -> Optional[str]:
+    return str(path) if path.is_file() else None
+
+
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Train and validate every epoch; returns run dir, checkpoints, last metrics and the tracker run id."""
     run_dir, run_name, overrides = job_identity(cfg)
@@ -142,8 +147,11 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         )
         checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
                                      monitor=f"val/{cfg.metric_for_checkpointing}", mode=cfg.mode_for_checkpointing,
-                                     save_top_k=1, save_last=True, auto_insert_metric_name=False)
-        callbacks = [checkpoint]
+                                     save_top_k=1, auto_insert_metric_name=False)
+        # last.ckpt after every epoch, validated or not (check_val_every_n_epoch > 1): what `resume=` continues from
+        last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                               save_on_train_epoch_end=True)
+        callbacks = [checkpoint, last]
         if cfg.get("freeze_n_epochs"):
             callbacks.append(FreezeBackbone(int(cfg.freeze_n_epochs), head=cfg.get("head")))
         trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False,
@@ -154,6 +162,14 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             trainer.validate(module, verbose=False)
             init_metrics, module.val_tag = module.last_metrics, None
         trainer.fit(module, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        last_epoch = trainer.current_epoch - 1
+        if last_epoch >= 0 and module.last_validated_epoch != last_epoch and not trainer.interrupted:
+            # check_val_every_n_epoch skipped the last epoch: the final model always gets its numbers
+            module.val_epoch_offset = -1  # after fit, Lightning's epoch counter is one past the last epoch
+            trainer.validate(module, verbose=False)
+            module.val_epoch_offset = 0
+            if not checkpoint.best_model_path and trainer.is_global_zero and last.last_model_path:
+                shutil.copyfile(last.last_model_path, run_dir / "checkpoints" / "best.ckpt")  # the only one known
 
         metrics = module.last_metrics
         if trainer.is_global_zero and metrics:
@@ -162,8 +178,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             tracked.log_artifact(run_dir / "metrics.json")
         return {
             "run_dir": run_dir,
-            "best_ckpt": checkpoint.best_model_path or None,
-            "last_ckpt": checkpoint.last_model_path or None,
+            "best_ckpt": checkpoint.best_model_path or _existing(run_dir / "checkpoints" / "best.ckpt"),
+            "last_ckpt": last.last_model_path or None,
             "metrics": metrics,
             "init_metrics": init_metrics,
             "mlflow_run_id": tracked.mlflow_run_id,

@@ -70,3 +70,15 @@ def test_freeze_n_epochs_trains_only_the_loss_first(tmp_path, tiny_dataset):
     extractor = {k[len("extractor."):]: v for k, v in sd.items() if k.startswith("extractor.")}
     assert all(torch.equal(initial[k], extractor[k]) for k in initial)  # backbone frozen during epoch 0
     assert "criterion.weight" in sd  # ArcFace's class weights are saved with the checkpoint
+
+
+@pytest.mark.parametrize("every, epochs, steps", [(2, 3, [1, 2]), (5, 2, [1])])
+def test_the_last_epoch_is_always_validated(tmp_path, tiny_dataset, every, epochs, steps):
+    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + BASE + [
+        f"trainer.check_val_every_n_epoch={every}", f"trainer.max_epochs={epochs}"])
+    result = train(cfg)
+    history = _history(tmp_path, result["mlflow_run_id"], "val/mAP")
+    assert sorted(history) == steps
+    assert history[epochs - 1] == pytest.approx(result["metrics"]["mAP"])
+    assert result["best_ckpt"] and torch.load(result["best_ckpt"], weights_only=True)["epoch"] in steps
+    assert (result["run_dir"] / "worst_queries" / f"epoch_{epochs - 1:03d}" / "worst_queries.png").exists()
