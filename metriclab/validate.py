@@ -93,14 +93,16 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
             metrics, source = {k: float(v) for k, v in report.metrics.items()}, f"embeddings {cfg.embeddings}"
         else:
             extractor, epoch, source = _build_model(cfg)
-            module = MetricLearningModule(extractor, torch.nn.Identity(), None, val_data, cfg.evaluation,
-                                          tracked=tracked if is_main else None, run_dir=run_dir if is_main else None)
-            module.val_epoch_offset = epoch
             loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
                                 num_workers=cfg.num_workers)
+            # the module hands the loader to Lightning, split across ranks under DDP
+            module = MetricLearningModule(extractor, torch.nn.Identity(), None, val_data, cfg.evaluation,
+                                          tracked=tracked if is_main else None, run_dir=run_dir if is_main else None,
+                                          val_loader=loader)
+            module.val_epoch_offset = epoch
             trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False, callbacks=[],
                                         default_root_dir=str(run_dir))
-            trainer.validate(module, loader, verbose=False)
+            trainer.validate(module, verbose=False)
             metrics, embeddings = module.last_metrics, module.last_embeddings
         if is_main:
             if cfg.get("export_embeddings"):
