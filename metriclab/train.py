@@ -99,7 +99,8 @@ def _existing(path: Path) -> Optional[str]:
 
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
-    """Train and validate every epoch; returns run dir, checkpoints, last metrics and the tracker run id."""
+    """Train, validating every `trainer.check_val_every_n_epoch` epochs and after the last one; returns the run dir,
+    checkpoints, the last metrics and the tracker run id."""
     run_dir, run_name, overrides = job_identity(cfg)
     if cfg.get("resume"):
         run_dir = Path(cfg.resume)  # a resumed run keeps writing where it started
@@ -168,8 +169,10 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             module.val_epoch_offset = -1  # after fit, Lightning's epoch counter is one past the last epoch
             trainer.validate(module, verbose=False)
             module.val_epoch_offset = 0
-            if not checkpoint.best_model_path and trainer.is_global_zero and last.last_model_path:
-                shutil.copyfile(last.last_model_path, run_dir / "checkpoints" / "best.ckpt")  # the only one known
+            score, best = module.last_metrics.get(cfg.metric_for_checkpointing), checkpoint.best_model_score
+            better = best is None or (score > best if cfg.mode_for_checkpointing == "max" else score < best)
+            if better and trainer.is_global_zero and last.last_model_path:  # the final model is the best seen
+                shutil.copyfile(last.last_model_path, run_dir / "checkpoints" / "best.ckpt")
 
         metrics = module.last_metrics
         if trainer.is_global_zero and metrics:
