@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
 from metriclab.atomic import replace_markdown_section
 
 SECTION = "## Evaluation engine"
@@ -218,16 +219,6 @@ def spawn(case: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def fmt_load(load: tuple[float, float, float]) -> str:

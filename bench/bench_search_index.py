@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
 from metriclab.atomic import replace_markdown_section  # noqa: E402
 from metriclab.search_index import IndexSpec, build_index, search  # noqa: E402
 
@@ -72,16 +72,6 @@ def per_query_ms(index, spec: IndexSpec, queries: np.ndarray, n_single: int) -> 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(approx, exact)]))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def update_docs(path: Path, body: str) -> None:

@@ -51,6 +51,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import metriclab.config  # noqa: E402,F401  (registers the repo_root resolver the configs use)
 import metriclab.train as train_mod  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
 from metriclab.atomic import replace_markdown_section  # noqa: E402
 from metriclab.config import build  # noqa: E402
 from metriclab.data import TrainData, build_train_data, read_dataset_csv  # noqa: E402
@@ -443,11 +444,7 @@ def subsection(args, command: str, rows: List[Dict], checks: List[str], disk: Op
                startup: Optional[Dict], started: str, seconds: float) -> tuple[str, str]:
     import pytorch_lightning as pl
 
-    try:
-        cpu_name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu_name = platform.processor() or platform.machine()
+    cpu_name = cpu_model()
     title = f"{args.size}×{args.size} inputs"
     lines = [
         f"### {title}",
