@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -67,8 +67,7 @@ def extractor_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def load_extractor_weights(extractor: torch.nn.Module, path: str | Path) -> Dict[str, Any]:
-    ckpt = load_checkpoint(path)
+def _load_weights(extractor: torch.nn.Module, ckpt: Dict[str, Any], path: str | Path) -> None:
     sd = extractor_state_dict(ckpt)
     try:
         missing, unexpected = extractor.load_state_dict(sd, strict=False)
@@ -78,4 +77,26 @@ def load_extractor_weights(extractor: torch.nn.Module, path: str | Path) -> Dict
     if missing or unexpected:
         raise ConfigError(f"{path} does not match the configured extractor: missing keys {missing[:5]}, unexpected "
                           f"keys {unexpected[:5]}. Use the same `extractor` config as the training run")
+
+
+def load_extractor_weights(extractor: torch.nn.Module, path: str | Path) -> Dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    _load_weights(extractor, ckpt, path)
     return ckpt
+
+
+def build_extractor_for_inference(
+    node: DictConfig, ckpt_path: Optional[str | Path] = None, extractor_from_ckpt: bool = True
+) -> Tuple[torch.nn.Module, Dict[str, Any], DictConfig]:
+    """The extractor validate/predict/explain run: without `ckpt_path`, `node` with its own weights (zoo key, file,
+    or random init); with it, the checkpoint's weights on the architecture stored in our checkpoints (unless
+    `extractor_from_ckpt=False`, then `node`'s). Returns (extractor, checkpoint dict or {}, the config built)."""
+    if not ckpt_path:
+        return build_extractor(node), {}, node
+    ckpt = load_checkpoint(ckpt_path)  # read once: it can be hundreds of MB
+    stored = (ckpt.get("metriclab") or {}).get("extractor_cfg")
+    if stored and extractor_from_ckpt:  # the weights come from the checkpoint, not the zoo
+        node = OmegaConf.create({**stored, "weights": None})
+    extractor = build_extractor(node)
+    _load_weights(extractor, ckpt, ckpt_path)
+    return extractor, ckpt, node

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from metriclab.config import ConfigError, build
 from metriclab.data import read_dataset_csv
-from metriclab.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint, load_extractor_weights
+from metriclab.extractors import build_extractor_for_inference, extractor_constructor_cfg
 from metriclab.search_index import GalleryIndex, IndexSpec, file_sha256, files_fingerprint, load_or_build_gallery
 from metriclab.atomic import write_json_atomic
 from metriclab.train import job_identity
@@ -126,17 +126,11 @@ def resolve_device(name: Any) -> torch.device:
 def load_extractor(cfg: DictConfig) -> LoadedExtractor:
     """`cfg.ckpt` (our checkpoint: its stored architecture unless extractor_from_ckpt=false) or the `extractor`
     config's own weights (zoo key / random init) when ckpt is null; on `cfg.device`."""
-    extractor_cfg = cfg.extractor
     ckpt = cfg.get("ckpt")
-    meta: Dict[str, Any] = {}
-    if ckpt:
-        meta = load_checkpoint(ckpt).get("metriclab") or {}
-        if meta.get("extractor_cfg") and cfg.get("extractor_from_ckpt", True):
-            extractor_cfg = OmegaConf.create({**meta["extractor_cfg"], "weights": None})
+    model, loaded, extractor_cfg = build_extractor_for_inference(cfg.extractor, ckpt,
+                                                                 cfg.get("extractor_from_ckpt", True))
+    meta: Dict[str, Any] = loaded.get("metriclab") or {}
     constructor = OmegaConf.to_container(extractor_constructor_cfg(extractor_cfg), resolve=True)
-    model = build_extractor(extractor_cfg)
-    if ckpt:
-        load_extractor_weights(model, ckpt)
     model.eval().to(resolve_device(cfg.get("device", "auto")))
     return LoadedExtractor(model, constructor, Path(ckpt).resolve() if ckpt else None, meta)
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -22,7 +22,7 @@ from metriclab.atomic import atomic_write
 from metriclab.config import ConfigError, build
 from metriclab.data import ValidationData, build_validation_data, read_dataset_csv
 from metriclab.evaluation import evaluate_validation, format_metrics_table, publish_validation
-from metriclab.extractors import build_extractor, load_checkpoint, load_extractor_weights
+from metriclab.extractors import build_extractor_for_inference
 from metriclab.module import MetricLearningModule
 from metriclab.tracking import tracked_run
 from metriclab.train import job_identity
@@ -60,20 +60,6 @@ def save_embeddings_npz(path: Path, embeddings: torch.Tensor, data: ValidationDa
                                             paths=data.paths.astype(str), labels=data.labels), ".npz")
 
 
-def _build_model(cfg: DictConfig):
-    """(extractor, epoch of the checkpoint, what was loaded) for `ckpt=` or the configured weights."""
-    extractor_cfg = cfg.extractor
-    if not cfg.get("ckpt"):
-        return build_extractor(extractor_cfg), 0, f"weights {extractor_cfg.get('weights')}"
-    meta = load_checkpoint(cfg.ckpt).get("metriclab") or {}
-    if meta.get("extractor_cfg") and cfg.get("extractor_from_ckpt", True):
-        # our checkpoint knows its architecture; the weights come from it, not from the zoo
-        extractor_cfg = OmegaConf.create({**meta["extractor_cfg"], "weights": None})
-    extractor = build_extractor(extractor_cfg)
-    ckpt = load_extractor_weights(extractor, cfg.ckpt)
-    return extractor, int(ckpt.get("epoch", 0)), f"ckpt {cfg.ckpt}"
-
-
 def validate(cfg: DictConfig) -> Dict[str, Any]:
     """Evaluate and log; returns run dir, metrics and tracker run id (on every DDP rank the same metrics)."""
     run_dir, run_name, overrides = job_identity(cfg)
@@ -92,7 +78,10 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
             publish_validation(report, embeddings, val_data, cfg.evaluation, tracked, run_dir, epoch=0)
             metrics, source = {k: float(v) for k, v in report.metrics.items()}, f"embeddings {cfg.embeddings}"
         else:
-            extractor, epoch, source = _build_model(cfg)
+            extractor, ckpt, built = build_extractor_for_inference(cfg.extractor, cfg.get("ckpt"),
+                                                                   cfg.get("extractor_from_ckpt", True))
+            epoch = int(ckpt.get("epoch", 0))
+            source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {built.get('weights')}"
             loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
                                 num_workers=cfg.num_workers)
             # the module hands the loader to Lightning, split across ranks under DDP
