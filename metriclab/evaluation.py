@@ -22,10 +22,6 @@ from metriclab.atomic import atomic_write  # noqa: E402
 from metriclab.data import ValidationData  # noqa: E402
 from metriclab.retrieval_metrics import RetrievalReport, evaluate_retrieval  # noqa: E402
 
-#: What "worst" means for each selectable metric: per-query column and whether lower is worse.
-WORST_BY = {"ap": "ap", "first_hit_rank": "first_hit_rank"}
-
-
 def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig) -> RetrievalReport:
     """Metrics for validation embeddings in dataset row order (`cfg` = the `evaluation` node)."""
     q = np.flatnonzero(data.is_query)

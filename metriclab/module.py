@@ -46,7 +46,7 @@ class MetricLearningModule(pl.LightningModule):
         self.run_dir = Path(run_dir) if run_dir else None
         self.checkpoint_extra = checkpoint_extra or {}
         self.last_metrics: Dict[str, float] = {}
-        self.last_report = None
+        self.last_embeddings: Optional[torch.Tensor] = None
         self._val_outputs: List[tuple] = []
         self._train_sums: Dict[str, float] = defaultdict(float)
         self._train_batches = 0
@@ -179,7 +179,7 @@ class MetricLearningModule(pl.LightningModule):
         self._val_outputs = []
         report = evaluate_validation(embeddings, self.val_data, self.eval_cfg)
         metrics = {k: float(v) for k, v in report.metrics.items()}
-        self.last_metrics, self.last_report, self.last_embeddings = metrics, report, embeddings
+        self.last_metrics, self.last_embeddings = metrics, embeddings
         # every rank logs the same values: checkpointing may monitor them on any rank
         self.log_dict({f"val/{k}": v for k, v in metrics.items() if not math.isnan(v)}, logger=False)
         if not self.val_tag:

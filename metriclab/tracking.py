@@ -74,7 +74,6 @@ class TrackedRun:
     run_name: str
     mlflow_run_id: Optional[str] = None
     mlflow_client: Any = None
-    _logged_artifacts: List[str] = field(default_factory=list)
     #: resumed run: the last step already logged per metric, so a re-run epoch is not logged twice
     logged_until: Dict[str, int] = field(default_factory=dict)
 
@@ -97,7 +96,6 @@ class TrackedRun:
         for lg in self.loggers:
             if not isinstance(lg, MLFlowLogger) and local_path.suffix == ".png":
                 _log_image_to_other_logger(lg, local_path, f"{artifact_dir or ''}/{local_path.stem}".strip("/"))
-        self._logged_artifacts.append(f"{artifact_dir + '/' if artifact_dir else ''}{local_path.name}")
 
 
 def _log_image_to_other_logger(lg: Logger, path: Path, tag: str) -> None:
