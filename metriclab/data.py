@@ -21,20 +21,22 @@ from oml.datasets import ImageLabeledDataset
 from metriclab.config import ConfigError
 
 REQUIRED_COLUMNS = (LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN)
-TRUE_VALUES = {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
+BOOL_STRINGS = {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
 
 
-def _to_bool(series: pd.Series, csv_path: Path, column: str) -> pd.Series:
-    def convert(value: Any, row: int) -> bool:
+def _to_bool(df: pd.DataFrame, rows: pd.Series, column: str, csv_path: Path) -> np.ndarray:
+    """`column` of the selected rows as booleans; a bad value names its CSV line (frame index + 2: header, 0-based)."""
+    out = []
+    for row, value in df.loc[rows, column].items():
         if isinstance(value, (bool, np.bool_)):
-            return bool(value)
+            out.append(bool(value))
+            continue
         key = str(value).strip().lower()
-        if key not in TRUE_VALUES:
-            raise ConfigError(f"{csv_path}: row {row + 2} ({PATHS_COLUMN}={series.index[row]}): `{column}` must be "
-                              f"True/False for validation rows, got {value!r}")
-        return TRUE_VALUES[key]
-
-    return pd.Series([convert(v, i) for i, v in enumerate(series.tolist())], index=series.index, dtype=bool)
+        if key not in BOOL_STRINGS:
+            raise ConfigError(f"{csv_path}: row {row + 2} ({PATHS_COLUMN}={df.at[row, PATHS_COLUMN]}): `{column}` "
+                              f"must be True/False for validation rows, got {value!r}")
+        out.append(BOOL_STRINGS[key])
+    return np.array(out, dtype=bool)
 
 
 def read_dataset_csv(root: str | Path, csv_name: str = "dataset.csv") -> pd.DataFrame:
@@ -63,7 +65,7 @@ def read_dataset_csv(root: str | Path, csv_name: str = "dataset.csv") -> pd.Data
     for col in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
         values = pd.Series(False, index=df.index, dtype=bool)
         if val.any():
-            values[val] = _to_bool(df.loc[val, col].set_axis(df.loc[val, PATHS_COLUMN]), csv_path, col).to_numpy()
+            values[val] = _to_bool(df, val, col, csv_path)
         df[col] = values
     missing_files = [p for p in df[PATHS_COLUMN].head(50) if not (root / p).is_file()]
     if missing_files:  # a cheap spot check: a wrong root shows up in the first rows

@@ -21,8 +21,7 @@ def _client(tmp_path: Path) -> MlflowClient:
 
 
 def _only_run(client: MlflowClient):
-    runs = client.search_runs(client.search_experiments()[0].experiment_id if False else
-                              [e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return runs[0]
 
@@ -183,3 +182,18 @@ def test_speed_options_train_on_cpu(tmp_path, tiny_dataset, option):
     result = train(compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES +
                                ["trainer.max_epochs=1", option]))
     assert 0.0 < result["metrics"]["mAP"] <= 1.0
+
+
+def test_bad_csv_values_name_the_csv_line(tmp_path):
+    from metriclab.data import read_dataset_csv
+    from tests.conftest import write_tiny_dataset
+
+    root = tmp_path / "data"
+    df = write_tiny_dataset(root)
+    first_val = int(df.index[df.split == "validation"][2])  # a validation row after train rows
+    df["is_query"] = df["is_query"].astype(object)
+    df.loc[first_val, "is_query"] = "maybe"
+    df.to_csv(root / "dataset.csv", index=False)
+    with pytest.raises(ConfigError, match=rf"row {first_val + 2} \(path={df.path[first_val]}\): `is_query` must be"):
+        read_dataset_csv(root)
+    assert (root / "dataset.csv").read_text().splitlines()[first_val + 1].split(",")[3] == "maybe"  # that line
