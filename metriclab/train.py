@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
+from metriclab.atomic import atomic_write
 from metriclab.config import ConfigError, build
 from metriclab.data import build_train_data, build_validation_data, read_dataset_csv
 from metriclab.evaluation import format_metrics_table
@@ -172,7 +173,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             score, best = module.last_metrics.get(cfg.metric_for_checkpointing), checkpoint.best_model_score
             better = best is None or (score > best if cfg.mode_for_checkpointing == "max" else score < best)
             if better and trainer.is_global_zero and last.last_model_path:  # the final model is the best seen
-                shutil.copyfile(last.last_model_path, run_dir / "checkpoints" / "best.ckpt")
+                # atomically: a crash mid-copy must not leave a truncated best.ckpt that later code trusts
+                atomic_write(run_dir / "checkpoints" / "best.ckpt",
+                             lambda tmp: shutil.copyfile(last.last_model_path, tmp), suffix=".ckpt")
 
         metrics = module.last_metrics
         if trainer.is_global_zero and metrics:
