@@ -183,12 +183,13 @@ def validate_dataframe(df: pd.DataFrame, dataset_root: Path) -> None:
             raise ConversionError(f"train rows must leave {column} empty")
         if not val[column].map(lambda v: isinstance(v, (bool, np.bool_))).all():
             raise ConversionError(f"validation rows need a True/False {column}")
-    if len(val) and not (val[IS_QUERY_COLUMN].astype(bool) | val[IS_GALLERY_COLUMN].astype(bool)).all():
+    is_q, is_g = val[IS_QUERY_COLUMN].astype(bool), val[IS_GALLERY_COLUMN].astype(bool)
+    if len(val) and not (is_q | is_g).all():
         raise ConversionError("some validation rows are neither query nor gallery")
-    if len(val) and not val[IS_QUERY_COLUMN].astype(bool).any():
+    if len(val) and not is_q.any():
         raise ConversionError("the validation split has no query rows")
-    query_labels = set(val.loc[val[IS_QUERY_COLUMN].astype(bool), LABELS_COLUMN])
-    gallery_labels = set(val.loc[val[IS_GALLERY_COLUMN].astype(bool), LABELS_COLUMN])
+    query_labels = set(val.loc[is_q, LABELS_COLUMN])
+    gallery_labels = set(val.loc[is_g, LABELS_COLUMN])
     orphans = sorted(query_labels - gallery_labels)
     if orphans:
         raise ConversionError(f"query label(s) with no gallery image (OML rejects them): {list_some(orphans)}")
@@ -201,8 +202,8 @@ def validate_dataframe(df: pd.DataFrame, dataset_root: Path) -> None:
             raise ConversionError("boxes must be given for every row or for none (OML fails on a partial set)")
         if not ((df[X1_COLUMN] < df[X2_COLUMN]) & (df[Y1_COLUMN] < df[Y2_COLUMN])).all():
             raise ConversionError("some boxes have x_1 >= x_2 or y_1 >= y_2")
-    for role in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
-        paths = val.loc[val[role].astype(bool), PATHS_COLUMN]
+    for role, in_role in ((IS_QUERY_COLUMN, is_q), (IS_GALLERY_COLUMN, is_g)):
+        paths = val.loc[in_role, PATHS_COLUMN]
         repeated = sorted(set(paths[paths.duplicated()]))
         if repeated:
             raise ConversionError(f"path(s) listed twice as {role}: {list_some(repeated)}")
@@ -218,15 +219,16 @@ def summarize(conversion: Conversion) -> str:
     noun = report.label_noun
     is_train = df[SPLIT_COLUMN] == TRAIN
     val = df[~is_train]
+    is_q, is_g = val[IS_QUERY_COLUMN].astype(bool), val[IS_GALLERY_COLUMN].astype(bool)
     groups = [("train", "-", df[is_train])]
     if len(val):
-        groups.append(("validation", "query", val[val[IS_QUERY_COLUMN].astype(bool)]))
-        groups.append(("validation", "gallery", val[val[IS_GALLERY_COLUMN].astype(bool)]))
+        groups.append(("validation", "query", val[is_q]))
+        groups.append(("validation", "gallery", val[is_g]))
     lines = [f"{report.dataset}: {len(df):,} rows", f"  {'split':<11}{'role':<9}{'images':>9}{noun:>12}"]
     for split, role, part in groups:
         lines.append(f"  {split:<11}{role:<9}{len(part):>9,}{part[LABELS_COLUMN].nunique():>12,}")
     if len(val):
-        both = int((val[IS_QUERY_COLUMN].astype(bool) & val[IS_GALLERY_COLUMN].astype(bool)).sum())
+        both = int((is_q & is_g).sum())
         if both:
             lines.append(f"  ({both:,} validation images are both query and gallery; never matched with themselves)")
     lines.append("skipped:" if report.skipped else "skipped: nothing")
