@@ -104,8 +104,11 @@ class LoadedExtractor:
 
     def key_parts(self) -> Dict[str, Any]:
         parts: Dict[str, Any] = {"extractor": self.constructor_cfg}
+        weights = self.constructor_cfg.get("weights")
         if self.checkpoint is not None:
             parts["checkpoint_sha256"] = file_sha256(self.checkpoint)
+        elif isinstance(weights, str) and Path(weights).is_file():  # a weights file can be overwritten in place
+            parts["weights_sha256"] = file_sha256(Path(weights))
         return parts
 
 

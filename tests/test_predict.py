@@ -200,6 +200,26 @@ def test_cache_hits_and_invalidation_count_gallery_embeddings(trained, tmp_path,
     _, embedded = run(f"dataset.root={data}")
     assert embedded == [n_gallery]
 
+    # no checkpoint, a local extractor weights file: the same file hits, the file overwritten in place misses
+    from omegaconf import OmegaConf
+
+    stored = load_checkpoint(trained["ckpt"])["metriclab"]["extractor_cfg"]
+    extractor = build_extractor(OmegaConf.create({**stored, "weights": None}))
+    weights = tmp_path / "extractor.pth"
+    torch.save(extractor.state_dict(), weights)
+
+    def run_on_weights_file():
+        calls.clear()
+        cfg = predict_cfg(trained, tmp_path, f"images={query}", "max_pictures=0", "ckpt=null")
+        cfg.extractor = OmegaConf.create({**stored, "weights": str(weights)})
+        predict(cfg)
+        return [n for n in calls if n == n_gallery]
+
+    assert run_on_weights_file() == [n_gallery]
+    assert run_on_weights_file() == []
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in extractor.state_dict().items()}, weights)
+    assert run_on_weights_file() == [n_gallery]
+
 
 def test_hnsw_and_flat_agree_on_a_small_gallery(trained, tmp_path):
     query = str(trained["root"] / "validation/5")
