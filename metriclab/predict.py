@@ -213,9 +213,7 @@ def dataset_gallery(cfg: DictConfig) -> Tuple[pd.DataFrame, Dict[str, Any]]:
              else picked[LABELS_COLUMN].astype(str))
     table = pd.DataFrame({"path": [str(root / p) for p in picked[PATHS_COLUMN]],
                           "label": picked[LABELS_COLUMN].astype(int).to_numpy(), "class_name": names.to_numpy()})
-    parts = {"source": "dataset", "root": str(root), "csv": cfg.dataset.csv, "rows": rows,
-             "csv_sha256": file_sha256(root / cfg.dataset.csv), "files": files_fingerprint(table["path"])}
-    return table, parts
+    return table, {"source": "dataset", "root": str(root), "csv": cfg.dataset.csv, "rows": rows}
 
 
 def folder_gallery(folder: str | Path) -> Tuple[pd.DataFrame, Dict[str, Any]]:
@@ -236,16 +234,26 @@ def folder_gallery(folder: str | Path) -> Tuple[pd.DataFrame, Dict[str, Any]]:
                 rows.append({"path": str(f), "label": label, "class_name": name})
     if not rows:
         raise ConfigError(f"gallery={folder} holds no class sub-folder with image files ({', '.join(IMAGE_EXTENSIONS)})")
-    table = pd.DataFrame(rows)
-    return table, {"source": "folder", "folder": str(folder), "files": files_fingerprint(table["path"])}
+    return pd.DataFrame(rows), {"source": "folder", "folder": str(folder)}
+
+
+def _with_fingerprints(table: pd.DataFrame, parts: Dict[str, Any]) -> Dict[str, Any]:
+    """`parts` plus what changes when an image or the CSV is edited or replaced under the same name."""
+    prints = {"files": files_fingerprint(table["path"])}
+    if parts["source"] == "dataset":
+        prints["csv_sha256"] = file_sha256(Path(parts["root"]) / parts["csv"])
+    return {**parts, **prints}
 
 
 def gallery_index(cfg: DictConfig, extractor: LoadedExtractor, transform: Any) -> GalleryIndex:
     """Gallery embeddings + faiss index from the cache when checkpoint, gallery, transforms and index match."""
     table, gallery_parts = folder_gallery(cfg.gallery) if cfg.get("gallery") else dataset_gallery(cfg)
     spec = IndexSpec.from_cfg(cfg.get("index"), cfg.get("distance", "euclidean"))
-    key_parts = {**extractor.key_parts(), "gallery": gallery_parts,
-                 "transforms": OmegaConf.to_container(cfg.transforms.val, resolve=True)}
+    cache_dir = Path(cfg.cache_dir) if cfg.get("use_cache", True) and cfg.get("cache_dir") else None
+    key_parts: Dict[str, Any] = {}
+    if cache_dir is not None:  # the key hashes the checkpoint and stats every gallery file: only worth it for a cache
+        key_parts = {**extractor.key_parts(), "gallery": _with_fingerprints(table, gallery_parts),
+                     "transforms": OmegaConf.to_container(cfg.transforms.val, resolve=True)}
 
     def compute() -> Tuple[np.ndarray, pd.DataFrame]:
         log.info("embedding %d gallery images", len(table))
@@ -257,7 +265,6 @@ def gallery_index(cfg: DictConfig, extractor: LoadedExtractor, transform: Any) -
                               f"converters skip unreadable files when they write the CSV)")
         return emb, table
 
-    cache_dir = Path(cfg.cache_dir) if cfg.get("use_cache", True) and cfg.get("cache_dir") else None
     return load_or_build_gallery(compute, key_parts, spec, cache_dir)
 
 
