@@ -47,13 +47,15 @@ def build_extractor(node: DictConfig, key: str = "extractor") -> torch.nn.Module
         raise
 
 
-def load_checkpoint(path: str | Path) -> Dict[str, Any]:
-    """Load a checkpoint safely (weights only where torch allows); a non-checkpoint file is a clear error."""
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint safely (weights only where torch allows); a non-checkpoint file is a clear error.
+    `mmap=True` maps the tensors instead of reading them (for callers that only need the metadata; zip-format
+    files only)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise ConfigError(f"{path} is not a checkpoint torch can load (weights-only): {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e

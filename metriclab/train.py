@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -62,7 +63,9 @@ def resolve_resume(cfg: DictConfig) -> Tuple[Optional[Path], Optional[str]]:
                               f"first epoch); pass the run directory of a training run")
     if not ckpt_path:
         return None, None
-    ckpt = load_checkpoint(ckpt_path)
+    # only the run id is needed here (Lightning loads the weights itself): map the tensors rather than read them;
+    # torch can map only zip-format files, so a legacy one is still read as before
+    ckpt = load_checkpoint(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))
     return Path(ckpt_path), (ckpt.get("metriclab") or {}).get("mlflow_run_id")
 
 
