@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -84,25 +85,27 @@ class TrainData:
 
 @dataclass
 class ValidationData:
-    """The validation rows and what the metric engine needs about them (row order = dataset index)."""
+    """The validation rows and what the metric engine needs about them (row order = dataset index).
+
+    The array views are computed once and cached: `df` must not change after construction (nothing does)."""
 
     dataset: ImageLabeledDataset
     df: pd.DataFrame
     root: Path
 
-    @property
+    @cached_property
     def labels(self) -> np.ndarray:
         return self.df[LABELS_COLUMN].to_numpy()
 
-    @property
+    @cached_property
     def is_query(self) -> np.ndarray:
         return self.df[IS_QUERY_COLUMN].to_numpy(dtype=bool)
 
-    @property
+    @cached_property
     def is_gallery(self) -> np.ndarray:
         return self.df[IS_GALLERY_COLUMN].to_numpy(dtype=bool)
 
-    @property
+    @cached_property
     def sequences(self) -> Optional[np.ndarray]:
         if SEQUENCE_COLUMN not in self.df.columns:
             return None
@@ -110,7 +113,7 @@ class ValidationData:
         # a missing sequence must not group rows together (OML treats all NaN as one sequence): give it its own
         return np.array([f"__row{i}" if pd.isna(s) else str(s) for i, s in enumerate(seq)], dtype=object)
 
-    @property
+    @cached_property
     def categories(self) -> Optional[np.ndarray]:
         if CATEGORIES_COLUMN not in self.df.columns:
             return None
