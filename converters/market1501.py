@@ -117,13 +117,7 @@ def _scan_folder(
     return records
 
 
-def convert_market1501(
-    root: Path | str,
-    *,
-    strict: bool = False,
-    skip_bad: bool = False,
-    expected_counts: Mapping[str, int] = PUBLISHED_COUNTS,
-) -> Conversion:
+def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool = False) -> Conversion:
     root = Path(root)
     base = find_market_base(root)
     report = ConversionReport("Market-1501", label_noun="identities")
@@ -176,7 +170,7 @@ def convert_market1501(
         "gallery junk images (id -1)": report.n_skipped(JUNK_REASON),
         "gallery distractor images (id 0000)": n_distractors,
     }
-    check_expected_counts(actual, expected_counts, strict=strict, report=report, what="Market-1501")
+    check_expected_counts(actual, PUBLISHED_COUNTS, strict=strict, report=report, what="Market-1501")
 
     unused = sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if p.name not in USED_DIRS)
     if unused:
