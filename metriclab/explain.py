@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from metriclab.config import ConfigError, build
 from metriclab.data import build_validation_data, read_dataset_csv
 from metriclab.evaluation import atomic_savefig, evaluate_validation, plt, select_worst_queries, write_csv_atomic
-from metriclab.predict import embed_dataset, load_extractor
+from metriclab.predict import embed_dataset, list_failures, load_extractor
 from metriclab.tracking import tracked_run
 from metriclab.train import job_identity
 
@@ -253,8 +253,8 @@ def explain(cfg: DictConfig) -> Dict[str, Any]:
         model = extractor.model
         emb, ok_ids, failed = embed_dataset(model, val_data.dataset, int(cfg.batch_size), int(cfg.num_workers))
         if failed:
-            bad = "; ".join(f"{root / val_data.paths[i]} ({reason})" for i, reason in failed[:5])
-            raise ConfigError(f"{len(failed)} validation image(s) cannot be read: {bad}")
+            raise ConfigError(f"{len(failed)} validation image(s) cannot be read: "
+                              f"{list_failures(failed, [str(root / p) for p in val_data.paths])}")
         embeddings = torch.from_numpy(emb)
         report = evaluate_validation(embeddings, val_data, cfg.evaluation)
         worst = select_worst_queries(report, n_queries)

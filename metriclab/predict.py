@@ -187,7 +187,8 @@ def embed_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 12
 # galleries
 
 
-def _list_failures(failed: List[Tuple[int, str]], paths: Sequence[str], n: int = 5) -> str:
+def list_failures(failed: List[Tuple[int, str]], paths: Sequence[str], n: int = 5) -> str:
+    """The first n unreadable items as `path (reason)`, and how many more."""
     shown = "; ".join(f"{paths[i]} ({reason})" for i, reason in failed[:n])
     return shown + (f"; and {len(failed) - n} more" if len(failed) > n else "")
 
@@ -261,7 +262,7 @@ def gallery_index(cfg: DictConfig, extractor: LoadedExtractor, transform: Any) -
         emb, _, failed = embed_dataset(extractor.model, dataset, int(cfg.batch_size), int(cfg.num_workers))
         if failed:
             raise ConfigError(f"{len(failed)} gallery image(s) cannot be read: "
-                              f"{_list_failures(failed, table['path'].tolist())}. Replace or remove them (the "
+                              f"{list_failures(failed, table['path'].tolist())}. Replace or remove them (the "
                               f"converters skip unreadable files when they write the CSV)")
         return emb, table
 
@@ -342,7 +343,7 @@ def predict(cfg: DictConfig) -> Dict[str, Any]:
         log.warning("skipped %s: %s", s["image"], s["reason"])
     if not ok_ids:
         raise ConfigError(f"none of the {len(queries)} image(s) of images={cfg.images} could be read: "
-                          f"{_list_failures(failed, query_paths)}")
+                          f"{list_failures(failed, query_paths)}")
 
     distances, ids = gallery.search(q_emb, k)
     table = gallery.table
@@ -380,5 +381,5 @@ def predict(cfg: DictConfig) -> Dict[str, Any]:
             "pictures": pictures, "gallery": gallery}
 
 
-__all__ = ["collect_images", "dataset_gallery", "embed_dataset", "folder_gallery", "gallery_index",
+__all__ = ["collect_images", "dataset_gallery", "embed_dataset", "folder_gallery", "gallery_index", "list_failures",
            "load_extractor", "majority_vote", "predict", "resolve_device"]

@@ -1,6 +1,8 @@
 """GradCAM with similarity targets: a hand-built case, shapes/range on ResNet and ViT, and explain(cfg) end to end."""
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,11 @@ def test_explain_errors_name_the_key(trained, tmp_path):
     with pytest.raises(ConfigError, match="target_layer=model.nothing"):
         explain(explain_cfg(trained, tmp_path, f"run={trained['result']['mlflow_run_id']}",
                             "target_layer=model.nothing", "n_queries=1", "top_k=1"))
+    data = tmp_path / "data"
+    shutil.copytree(trained["root"], data)
+    df = pd.read_csv(data / "dataset.csv")
+    broken = data / df.query("split == 'validation'")["path"].iloc[0]
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=rf"1 validation image\(s\) cannot be read: {re.escape(str(broken))} \("):
+        explain(explain_cfg(trained, tmp_path, f"ckpt={trained['result']['best_ckpt']}", f"dataset.root={data}",
+                            "transforms=digits", "logger=tensorboard"))
