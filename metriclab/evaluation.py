@@ -62,12 +62,11 @@ def atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
 
 
 def _missed_true_matches(
-    report: RetrievalReport, qi: int, data: ValidationData, embeddings: torch.Tensor, n_missed: int
+    report: RetrievalReport, qi: int, q_row: int, g_rows: np.ndarray, labels: np.ndarray, seq: Optional[np.ndarray],
+    embeddings: torch.Tensor, n_missed: int,
 ) -> List[Tuple[int, float]]:
-    """True matches of query qi that are not in its shown top-k (excluded pairs left out), nearest first."""
-    q_rows, g_rows = np.flatnonzero(data.is_query), np.flatnonzero(data.is_gallery)
-    q_row = q_rows[qi]
-    labels, seq = data.labels, data.sequences
+    """True matches of query qi (dataset row q_row) that are not in its shown top-k (excluded pairs left out),
+    nearest first. `g_rows`, `labels`, `seq`: the gallery rows, labels and sequences of the validation data."""
     true = (labels[g_rows] == labels[q_row]) & (g_rows != q_row)
     if seq is not None:
         true &= seq[g_rows] != seq[q_row]
@@ -104,7 +103,7 @@ def draw_worst_queries(
     k = report.topk_ids.shape[1]
     n_cols = 1 + k + n_missed
     fig, axes = plt.subplots(len(worst), n_cols, figsize=(1.9 * n_cols, 2.3 * len(worst) + 0.6), squeeze=False)
-    paths, labels = data.paths, data.labels
+    paths, labels, seq = data.paths, data.labels, data.sequences
     # a converter's `class_name` column reads better than the integer label
     names = data.df["class_name"].astype(str).to_numpy() if "class_name" in data.df.columns else labels.astype(str)
 
@@ -135,7 +134,8 @@ def draw_worst_queries(
             axes[r][1 + c].axis("on")
             tile(axes[r][1 + c], g_row, f"#{c + 1} {names[g_row]}\n{Path(paths[g_row]).name}\n"
                  f"d={report.topk_distances[qi, c]:.3f}", "green" if ok else "red")
-        for c, (j, dist) in enumerate(_missed_true_matches(report, qi, data, embeddings, n_missed)):
+        missed = _missed_true_matches(report, qi, q_row, g_rows, labels, seq, embeddings, n_missed)
+        for c, (j, dist) in enumerate(missed):
             g_row = g_rows[j]
             axes[r][1 + k + c].axis("on")
             tile(axes[r][1 + k + c], g_row, f"MISSED {names[g_row]}\n{Path(paths[g_row]).name}\n"
