@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Container, Dict, Iterator, Tuple
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
@@ -32,6 +32,13 @@ def _signature_params(target: Any) -> Dict[str, inspect.Parameter]:
         return {}
 
 
+def runtime_kwargs(target: Any, runtime: Dict[str, Any], already_set: Container[str]) -> Dict[str, Any]:
+    """The runtime kwargs `target` declares and the YAML (`already_set`) did not set; `**kwargs` does not count: a
+    runtime value goes only where it is declared."""
+    params = _signature_params(target)
+    return {k: v for k, v in runtime.items() if k in params and k not in already_set}
+
+
 def build(node: DictConfig, key: str, **runtime: Any) -> Any:
     """Instantiate `node` (its config key is `key`, used in errors) passing only the runtime kwargs its target
     declares and the YAML does not already set."""
@@ -41,8 +48,7 @@ def build(node: DictConfig, key: str, **runtime: Any) -> Any:
         target = get_object(node._target_)
     except Exception as e:  # hydra wraps import errors; keep the key in the message
         raise ConfigError(f"`{key}._target_={node._target_}` cannot be imported: {e}") from e
-    params = _signature_params(target)  # **kwargs does not count: a runtime value goes only where it is declared
-    extra = {k: v for k, v in runtime.items() if k in params and k not in node}
+    extra = runtime_kwargs(target, runtime, node)
     # plain lists/dicts for the YAML values: libraries type-check them (neptune, albumentations)
     convert = {} if "_convert_" in node else {"_convert_": "all"}
     try:

@@ -17,7 +17,6 @@ half-precision cosine rounds above 1.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -26,6 +25,8 @@ from oml.interfaces.miners import ITripletsMinerInBatch
 from oml.losses import ArcFaceLoss as OMLArcFaceLoss
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
+
+from metriclab.config import runtime_kwargs
 
 TLabels = Union[Tensor, Sequence[int]]
 
@@ -234,8 +235,7 @@ def complete_partial(factory: Callable[..., nn.Module], **runtime: Any) -> nn.Mo
     (the same rule the pipeline uses for top-level components)."""
     target = getattr(factory, "func", factory)
     already_set = set(getattr(factory, "keywords", {}) or {})
-    declared = inspect.signature(target).parameters
-    return factory(**{k: v for k, v in runtime.items() if k in declared and k not in already_set})
+    return factory(**runtime_kwargs(target, runtime, already_set))
 
 
 class ClassificationTripletLoss(nn.Module):
