@@ -427,18 +427,17 @@ def evaluate_retrieval(
 
     lab_q_codes, lab_g_codes, n_lab = _joint_codes(q_lab, g_lab)
     positives = _PairIndex(lab_q_codes, lab_g_codes, n_lab)
-    pair_counts = positives.query_counts + sum((e.query_counts for e in excluders), np.zeros(n_q, dtype=np.int64))
-    blocks = _plan_blocks(n_q, n_g, block_size, pair_counts)
+    excl_counts = sum((e.query_counts for e in excluders), np.zeros(n_q, dtype=np.int64))  # excluded pairs per query
+    blocks = _plan_blocks(n_q, n_g, block_size, positives.query_counts + excl_counts)
 
-    ks_topk = sorted(set(cmc_top_k) | set(map_top_k) | set(precision_top_k))
     state = _State(n_q, keep_top_k, map_top_k, precision_top_k, knn_top_k)
     if backend == "exact":
         _run_exact(q_emb, g_emb, q_lab, g_lab, positives, excluders, blocks, distance, keep_top_k, knn_top_k, state)
         backend_name = "exact"
     else:
-        depth = max([keep_top_k, *ks_topk, *knn_top_k, 1])
+        depth = max([keep_top_k, *cmc_top_k, *map_top_k, *precision_top_k, *knn_top_k, 1])
         backend_name = _run_faiss(
-            q_emb, g_emb, q_lab, g_lab, positives, excluders, blocks, distance, depth, keep_top_k, knn_top_k, state,
+            q_emb, g_emb, q_lab, g_lab, positives, excluders, excl_counts, blocks, distance, depth, state,
             backend, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
         )
 
@@ -658,9 +657,10 @@ def _exact_topk(key_t: torch.Tensor, depth: int, q_lab: np.ndarray, g_lab: np.nd
 
 
 def _run_faiss(
-    q_emb, g_emb, q_lab, g_lab, positives, excluders, blocks, distance, depth, keep_top_k, knn_top_k, state,
+    q_emb, g_emb, q_lab, g_lab, positives, excluders, excl_counts, blocks, distance, depth, state,
     backend, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
 ) -> str:
+    """Top-`depth` search per query; `excl_counts[i]`: excluded pairs of query i (searched deeper by that many)."""
     try:
         import faiss  # optional dependency: only needed for these backends
     except ImportError as e:
@@ -687,7 +687,6 @@ def _run_faiss(
             "top-k lists may miss true neighbours, mAP/mINP not computed)"
         )
     index.add(np.ascontiguousarray(g_np))
-    excl_counts = sum((e.query_counts for e in excluders), np.zeros(len(q_np), dtype=np.int64))
 
     for lo, hi in blocks:
         n_rows = hi - lo
