@@ -40,6 +40,16 @@ def write_json_atomic(path: Path | str, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_csv_atomic(df: Any, path: Path | str) -> Path:
+    """A pandas DataFrame as CSV without its index."""
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False), ".csv")
+
+
+def atomic_savefig(fig: Any, path: Path | str, dpi: int = 80) -> Path:
+    """A matplotlib figure as PNG (matplotlib picks the format from the suffix)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
+
+
 def replace_markdown_section(path: Path | str, heading: str, body: str) -> Path:
     """Replace (or append) the `heading` section (`## ...` up to the next `## `) of a markdown file; the other
     sections stay as they are. Used by the benchmarks to write their results into docs/benchmarks.md."""

@@ -25,7 +25,8 @@ matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from metriclab.atomic import atomic_write, write_text_atomic  # noqa: E402
+# metriclab.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
+from metriclab.atomic import atomic_savefig, write_csv_atomic, write_text_atomic  # noqa: E402
 from metriclab.config import ConfigError  # noqa: E402
 from metriclab.paths import OUTPUTS_DIR  # noqa: E402
 
@@ -34,15 +35,6 @@ DEFAULT_URI = f"sqlite:///{OUTPUTS_DIR / 'mlflow.db'}"
 TRAIN_LOSS = "train/loss"
 #: Runs drawn on the comparison plot (the best ones): more lines than this are unreadable.
 MAX_COMPARED = 12
-
-
-# metriclab.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
-def _write_text(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
-def _savefig(fig, path: Path, dpi: int = 90) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
 
 
 def mlflow_metric_key(key: str) -> str:
@@ -263,7 +255,7 @@ def plot_run_curves(s: RunSummary, metrics: Sequence[str], out_png: Path) -> Non
         axes[0][1].grid(alpha=0.3)
     fig.suptitle(f"{s.name} ({s.loss}, {s.dataset})", fontsize=9)
     fig.tight_layout()
-    _savefig(fig, out_png, dpi=90)
+    atomic_savefig(fig, out_png, dpi=90)
     plt.close(fig)
 
 
@@ -282,7 +274,7 @@ def plot_comparison(summaries: Sequence[RunSummary], main_metric: str, out_png: 
     ax.set_title(f"val {main_metric} per epoch ({'the best ' if shown < len(summaries) else ''}{shown} runs)",
                  fontsize=9)
     fig.tight_layout()
-    _savefig(fig, out_png, dpi=90)
+    atomic_savefig(fig, out_png, dpi=90)
     plt.close(fig)
 
 
@@ -318,7 +310,7 @@ def write_report(tracking_uri: Optional[str] = None, out_dir: Optional[Path] = N
     for s, png in zip(summaries, curve_pngs):
         md += [f"### {s.name}", "", f"![{s.name}]({png.relative_to(out_dir).as_posix()})", ""]
     report_md = out_dir / "report.md"
-    _write_text(report_md, "\n".join(md))
+    write_text_atomic(report_md, "\n".join(md))
 
     body = [f"<h1>Run comparison</h1><p>{html.escape(intro)}</p>", table.to_html(index=False, escape=True),
             f'<p><img src="{compare_png.name}" alt="val {html.escape(main_metric)} per epoch"></p>',
@@ -326,12 +318,12 @@ def write_report(tracking_uri: Optional[str] = None, out_dir: Optional[Path] = N
     body += [f'<h3>{html.escape(s.name)}</h3><p><img src="{png.relative_to(out_dir).as_posix()}"></p>'
              for s, png in zip(summaries, curve_pngs)]
     report_html = out_dir / "report.html"
-    _write_text(report_html, "<!doctype html><html><head><meta charset='utf-8'><title>Run comparison</title>"
-                      "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
-                      "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
-                      + "\n".join(body) + "</body></html>\n")
+    write_text_atomic(report_html, "<!doctype html><html><head><meta charset='utf-8'><title>Run comparison</title>"
+                           "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
+                           "td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
+                           + "\n".join(body) + "</body></html>\n")
     report_csv = out_dir / "report.csv"
-    atomic_write(report_csv, lambda tmp: table.to_csv(tmp, index=False), ".csv")
+    write_csv_atomic(table, report_csv)
     return {"markdown": report_md, "html": report_html, "csv": report_csv, "compare_png": compare_png,
             "curve_pngs": curve_pngs, "table": table, "summaries": summaries}
 

@@ -31,7 +31,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from metriclab.config import ConfigError
-from metriclab.atomic import atomic_write, write_json_atomic
+from metriclab.atomic import atomic_write, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def load_or_build_gallery(
         if entry is not None:
             # meta.json last: an interrupted write leaves no meta, so the entry is rebuilt next time
             atomic_write(entry / "embeddings.npy", lambda p: np.save(p, embeddings), ".npy")
-            atomic_write(entry / "gallery.csv", lambda p: table.to_csv(p, index=False), ".csv")
+            write_csv_atomic(table, entry / "gallery.csv")
             write_json_atomic(entry / "meta.json", {"gallery_key": gallery_key, "parts": key_parts,
                                                     "n": int(len(embeddings)), "dim": int(embeddings.shape[1])})
 
