@@ -124,11 +124,17 @@ def resolve_submodule_names(module: nn.Module, names: Iterable[str]) -> List[str
     return resolved
 
 
-def _params_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
+def params_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
+    """ids of the parameters of `module`'s sub-modules named by `prefixes` (resolved dotted names)."""
     ids = set()
     for prefix in prefixes:
         ids.update(id(p) for p in module.get_submodule(prefix).parameters())
     return ids
+
+
+def _modules_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
+    """ids of the sub-modules named by `prefixes` and of every module inside them."""
+    return {id(m) for prefix in prefixes for m in module.get_submodule(prefix).modules()}
 
 
 def set_trainable(module: nn.Module, names: Optional[Sequence[str]]) -> List[str]:
@@ -147,8 +153,8 @@ def set_trainable(module: nn.Module, names: Optional[Sequence[str]]) -> List[str
     if isinstance(names, str):
         names = [names]
     resolved = resolve_submodule_names(module, names)
-    trainable_ids = _params_under(module, resolved)
-    trainable_bn_ids = {id(m) for prefix in resolved for m in module.get_submodule(prefix).modules()}
+    trainable_ids = params_under(module, resolved)
+    trainable_bn_ids = _modules_under(module, resolved)
     for param in module.parameters():
         param.requires_grad_(id(param) in trainable_ids)
     for bn in _batchnorm_layers(module):
@@ -221,8 +227,8 @@ class FreezeBackbone(pl.Callback):
         if self.is_frozen:
             return
         head = resolve_submodule_names(extractor, self.head)
-        head_param_ids = _params_under(extractor, head)
-        head_module_ids = {id(m) for prefix in head for m in extractor.get_submodule(prefix).modules()}
+        head_param_ids = params_under(extractor, head)
+        head_module_ids = _modules_under(extractor, head)
         self._saved_requires_grad = {name: p.requires_grad for name, p in extractor.named_parameters()}
         for param in extractor.parameters():
             if id(param) not in head_param_ids:
@@ -257,6 +263,7 @@ __all__ = [
     "keep_frozen_bn_in_eval",
     "set_trainable",
     "resolve_submodule_names",
+    "params_under",
     "is_bn_frozen",
     "FreezeBackbone",
 ]

@@ -127,10 +127,10 @@ class MetricLearningModule(pl.LightningModule):
         self._flush_train_metrics()
 
     def configure_optimizers(self):
-        from metriclab.freezing import resolve_submodule_names
+        from metriclab.freezing import params_under, resolve_submodule_names
 
         head_names = resolve_submodule_names(self.extractor, self.head) if self.head else []
-        head_ids = {id(p) for name in head_names for p in self.extractor.get_submodule(name).parameters()}
+        head_ids = params_under(self.extractor, head_names)
         groups = [
             {"name": "backbone", "params": [p for p in self.extractor.parameters()
                                             if p.requires_grad and id(p) not in head_ids]},
