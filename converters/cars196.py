@@ -46,6 +46,7 @@ from converters.common import (
     make_rows_frame,
     rel_posix,
     run_cli,
+    scan_image_files,
 )
 
 CLASS_NAME_COLUMN = "class_name"
@@ -239,13 +240,8 @@ def _check_images(
             f"0 <= y_1 < y_2 <= height): {list_some(bad_boxes)}. Fix the annotation or pass --no-bboxes."
         )
     annotated = {a.fname for a in annotations}
-    for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
-        rel = rel_posix(Path(entry.path), root)
-        if entry.is_dir():
-            report.skip("sub-folders ignored", rel + "/")
-        elif not is_image_name(entry.name):
-            report.skip("non-image files ignored", rel)
-        elif entry.name not in annotated:
+    for entry, rel in scan_image_files(images_dir, root, report):
+        if entry.name not in annotated:
             report.skip("images without an annotation ignored", rel)
 
 

@@ -43,6 +43,9 @@ DEFAULT_CSV_NAME = "dataset.csv"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # How many offending paths an error or summary line names before it says "and N more".
 MAX_LISTED = 10
+# Skip reasons shared by the converters (summaries and tests quote them).
+SUBFOLDER_REASON = "sub-folders ignored"
+NON_IMAGE_REASON = "non-image files ignored"
 
 
 class ConversionError(ValueError):
@@ -89,8 +92,26 @@ def rel_posix(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+def is_image_name(name: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    """An image extension (any case), and not hidden: ``._x.jpg`` is a macOS resource fork, not an image."""
+    return name.lower().endswith(extensions) and not name.startswith(".")
+
+
+def scan_image_files(
+    folder: Path, root: Path, report: ConversionReport, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> list[tuple[os.DirEntry, str]]:
+    """The image files directly in ``folder``, sorted by name, each with its root-relative path. Sub-folders
+    and other files (Thumbs.db, .DS_Store, ``._*`` resource forks, ...) are reported as skipped."""
+    images = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        rel = rel_posix(Path(entry.path), root)
+        if entry.is_dir():
+            report.skip(SUBFOLDER_REASON, rel + "/")
+        elif not is_image_name(entry.name, extensions):
+            report.skip(NON_IMAGE_REASON, rel)
+        else:
+            images.append((entry, rel))
+    return images
 
 
 @dataclass(frozen=True)

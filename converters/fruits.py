@@ -25,6 +25,7 @@ from typing import Sequence
 from oml.const import IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN
 
 from converters.common import (
+    NON_IMAGE_REASON,
     TRAIN,
     VALIDATION,
     Conversion,
@@ -79,11 +80,11 @@ def _collect_files(split_dir: Path, root: Path, report: ConversionReport) -> dic
                     if is_image_name(name):
                         files_by_class[entry.name].append(path)
                     else:
-                        report.skip("non-image files ignored", rel_posix(path, root))
+                        report.skip(NON_IMAGE_REASON, rel_posix(path, root))
         elif is_image_name(entry.name):
             loose_images.append(rel)
         else:
-            report.skip("non-image files ignored", rel)
+            report.skip(NON_IMAGE_REASON, rel)
     if loose_images:
         raise ConversionError(
             f"image(s) directly in {split_dir.name}/ have no class folder: {list_some(loose_images)}. "

@@ -9,7 +9,6 @@ gallery images of the query's person taken by the query's camera out of its rank
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +36,7 @@ from converters.common import (
     rel_posix,
     require_dirs,
     run_cli,
+    scan_image_files,
 )
 
 CAMERA_COLUMN = "camera"
@@ -96,14 +96,7 @@ def _scan_folder(
     base: Path, root: Path, folder: str, report: ConversionReport, skip_bad: bool
 ) -> list[tuple[str, int, int]]:
     records = []
-    for entry in sorted(os.scandir(base / folder), key=lambda e: e.name):
-        rel = rel_posix(Path(entry.path), root)
-        if entry.is_dir():
-            report.skip("sub-folders ignored", rel + "/")
-            continue
-        if not entry.name.lower().endswith(".jpg"):  # Thumbs.db, .DS_Store, ...
-            report.skip("non-image files ignored", rel)
-            continue
+    for entry, rel in scan_image_files(base / folder, root, report, extensions=(".jpg",)):
         try:
             pid, cam = parse_market_name(entry.name)
         except ValueError as e:

@@ -9,7 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from converter_trees import MARKET_GALLERY, MARKET_QUERY, MARKET_TRAIN, write_market_published_counts, write_market_tree
+from converter_trees import (
+    MARKET_GALLERY,
+    MARKET_QUERY,
+    MARKET_TRAIN,
+    write,
+    write_market_published_counts,
+    write_market_tree,
+)
 from oml.const import IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SEQUENCE_COLUMN, SPLIT_COLUMN
 
 from converters.common import ConversionError
@@ -123,6 +130,23 @@ def test_malformed_name_is_an_error_naming_the_file_unless_skip_bad(tmp_path):
     conversion = convert_market1501(tmp_path, skip_bad=True)
     assert conversion.report.skipped[BAD_NAME_REASON] == ["bounding_box_test/0003_c9s1_000101_01.jpg"]
     assert (conversion.df[IS_GALLERY_COLUMN] == True).sum() == 7  # noqa: E712
+
+
+def test_hidden_files_are_ignored_not_parsed(tmp_path):
+    # a macOS resource fork ("._" + the image's name, AppleDouble bytes) left behind by copying from a Mac
+    write_market_tree(tmp_path)
+    write(tmp_path / "bounding_box_test" / "._0001_c2s1_000401_01.jpg", b"\x00\x05\x16\x07")
+    conversion = convert_market1501(tmp_path)  # no --skip-bad needed
+    report, df = conversion.report, conversion.df
+    assert report.skipped["non-image files ignored"] == [
+        "bounding_box_test/._0001_c2s1_000401_01.jpg",
+        "bounding_box_test/Thumbs.db",
+    ]
+    assert BAD_NAME_REASON not in report.skipped
+    assert len(df) == 5 + 3 + 7 and (df[IS_GALLERY_COLUMN] == True).sum() == 7  # noqa: E712
+    assert not df[PATHS_COLUMN].str.contains("/._").any()
+    assert "gallery images after junk removal: expected 15,913, found 7" in report.warnings[0]
+    assert report.n_skipped(JUNK_REASON) == 2
 
 
 def test_junk_or_distractor_outside_the_gallery_is_rejected(tmp_path):
