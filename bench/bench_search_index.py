@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
-from metriclab.atomic import replace_markdown_section  # noqa: E402
+from metriclab.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
 from metriclab.search_index import IndexSpec, build_index, search  # noqa: E402
 
 SECTION = "## Search index"
@@ -72,11 +72,6 @@ def per_query_ms(index, spec: IndexSpec, queries: np.ndarray, n_single: int) -> 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(approx, exact)]))
-
-
-def update_docs(path: Path, body: str) -> None:
-    """Replace (or add) this benchmark's `## Search index` section; other sections stay as they are."""
-    replace_markdown_section(path, SECTION, body)
 
 
 def main() -> int:
@@ -156,26 +151,13 @@ def main() -> int:
     if args.update_docs:
         title = f"{args.data} data" + (f", noise {args.noise:g}" if args.data == "clustered" else "")
         section = f"### {title}\n\n{header}\n\n" + "\n".join(table) + "\n"
-        existing = args.update_docs.read_text() if args.update_docs.exists() else ""
-        body = _merge_subsections(existing, title, section)
-        update_docs(args.update_docs, body)
+        # this data set's `###` part replaced (or appended: dicts keep insertion order); summary and others kept
+        preamble, subs = markdown_subsections(args.update_docs, SECTION)
+        subs[title] = section
+        replace_markdown_section(args.update_docs, SECTION,
+                                 "\n".join(([preamble + "\n"] if preamble.strip() else []) + list(subs.values())))
         print(f"wrote section '{SECTION}' ({title}) of {args.update_docs}")
     return 0 if best is not None and best[1] <= TARGET_MS else 1
-
-
-def _merge_subsections(existing: str, title: str, new_sub: str) -> str:
-    """The section's body with the `### <title>` part replaced (or appended); the summary above the first `###`
-    and the other data sets' parts are kept."""
-    start = existing.find(SECTION + "\n")
-    body = ""
-    if start >= 0:
-        end = existing.find("\n## ", start + len(SECTION))
-        body = existing[start + len(SECTION) : None if end < 0 else end].strip("\n")
-    preamble, *chunks = ("\n" + body).split("\n### ")
-    subs = {chunk.split("\n", 1)[0]: "### " + chunk.rstrip() + "\n" for chunk in chunks}
-    subs[title] = new_sub  # dicts keep insertion order: a new data set goes last
-    parts = ([preamble.strip("\n") + "\n"] if preamble.strip() else []) + list(subs.values())
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import metriclab.config  # noqa: E402,F401  (registers the repo_root resolver the configs use)
 import metriclab.train as train_mod  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
-from metriclab.atomic import replace_markdown_section  # noqa: E402
+from metriclab.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
 from metriclab.config import build  # noqa: E402
 from metriclab.data import TrainData, build_train_data, read_dataset_csv  # noqa: E402
 from metriclab.module import MetricLearningModule  # noqa: E402
@@ -496,14 +496,7 @@ def subsection(args, command: str, rows: List[Dict], checks: List[str], disk: Op
 def update_docs(path: Path, title: str, sub: str) -> None:
     """Rewrite this benchmark's `## Training speed` section (intro + this input size's subsection, other sizes'
     subsections kept); other engineers' sections stay as they are. Written atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    end = -1 if start < 0 else text.find("\n## ", start + len(SECTION))
-    subs: Dict[str, str] = {}
-    if start >= 0:
-        body = text[start + len(SECTION): None if end < 0 else end]
-        for chunk in body.split("\n### ")[1:]:
-            subs[chunk.split("\n", 1)[0].strip()] = "### " + chunk.strip("\n") + "\n"
+    _, subs = markdown_subsections(path, SECTION)
     subs[title] = sub
     ordered = sorted(subs, key=lambda t: int(t.split("×")[0]) if t.split("×")[0].isdigit() else 0)
     replace_markdown_section(path, SECTION, f"{intro()}\n\n" + "\n".join(subs[t] for t in ordered))

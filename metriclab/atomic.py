@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Tuple
 
 
 def atomic_write(path: Path | str, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:
@@ -63,3 +63,18 @@ def replace_markdown_section(path: Path | str, heading: str, body: str) -> Path:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1:])
     return write_text_atomic(path, text)
+
+
+def markdown_subsections(path: Path | str, heading: str) -> Tuple[str, Dict[str, str]]:
+    """The `heading` section of a markdown file as (its text before the first `### `, {title: `### title` part}),
+    parts in file order; ("", {}) when the file or the section is missing. A benchmark that writes one part per
+    input replaces its own part and passes the rest back to `replace_markdown_section`."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    start = text.find(heading + "\n")
+    if start < 0:
+        return "", {}
+    end = text.find("\n## ", start + len(heading))
+    body = text[start + len(heading): None if end < 0 else end].strip("\n")
+    preamble, *chunks = ("\n" + body).split("\n### ")
+    return preamble.strip("\n"), {c.split("\n", 1)[0].strip(): "### " + c.rstrip() + "\n" for c in chunks}

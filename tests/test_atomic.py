@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from metriclab.atomic import atomic_write, replace_markdown_section, write_json_atomic
+from metriclab.atomic import atomic_write, markdown_subsections, replace_markdown_section, write_json_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -38,3 +38,12 @@ def test_replace_markdown_section_keeps_the_others(tmp_path):
     replace_markdown_section(doc, "## One", "new")
     replace_markdown_section(doc, "## Three", "third")
     assert doc.read_text() == "# B\n\n## One\n\nnew\n\n## Two\n\nsecond\n\n## Three\n\nthird\n"
+
+
+def test_markdown_subsections_split_one_section(tmp_path):
+    doc = tmp_path / "b.md"
+    doc.write_text("# B\n\n## One\n\nsummary\n\n### a\n\n1\n\n### b\n\n2\n\n## Two\n\n### c\n\n3\n")
+    assert markdown_subsections(doc, "## One") == ("summary", {"a": "### a\n\n1\n", "b": "### b\n\n2\n"})
+    assert markdown_subsections(doc, "## Two") == ("", {"c": "### c\n\n3\n"})
+    assert markdown_subsections(doc, "## Three") == ("", {})
+    assert markdown_subsections(tmp_path / "missing.md", "## One") == ("", {})
