@@ -43,12 +43,22 @@ def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: Dic
 
 
 def select_worst_queries(report: RetrievalReport, n: int) -> pd.DataFrame:
-    """The n valid queries with the lowest AP; ties go to the later first true match, then the query index."""
+    """The n valid queries with the lowest AP; ties go to the later first true match, then the query index.
+    Backends without AP (faiss: `ap` is NaN): the n valid queries with the latest first true match (none within the
+    searched list first), then the query index."""
     pq = report.per_query
     valid = pq[pq["valid"]].copy()
     valid["_rank_key"] = valid["first_hit_rank"].where(valid["first_hit_rank"] > 0, np.iinfo(np.int64).max)
-    worst = valid.sort_values(["ap", "_rank_key", "query_index"], ascending=[True, False, True]).head(n)
+    if _has_ap(report):
+        worst = valid.sort_values(["ap", "_rank_key", "query_index"], ascending=[True, False, True]).head(n)
+    else:
+        worst = valid.sort_values(["_rank_key", "query_index"], ascending=[False, True]).head(n)
     return worst.drop(columns="_rank_key")
+
+
+def _has_ap(report: RetrievalReport) -> bool:
+    """Only the exact backend ranks the whole gallery, so only it gives AP."""
+    return report.backend == "exact"
 
 
 def read_tile(path: Path, size: int = 128) -> np.ndarray:
@@ -100,6 +110,7 @@ def draw_worst_queries(
     if worst.empty:
         return None
     q_rows, g_rows = np.flatnonzero(data.is_query), np.flatnonzero(data.is_gallery)
+    with_ap = _has_ap(report)
     k = report.topk_ids.shape[1]
     n_cols = 1 + k + n_missed
     fig, axes = plt.subplots(len(worst), n_cols, figsize=(1.9 * n_cols, 2.3 * len(worst) + 0.6), squeeze=False)
@@ -123,8 +134,9 @@ def draw_worst_queries(
             ax.axis("off")
         axes[r][0].axis("on")
         rank = int(q["first_hit_rank"])
+        ap = f"AP {q['ap']:.3f}, " if with_ap else ""
         tile(axes[r][0], q_row, f"QUERY {names[q_row]}\n{Path(paths[q_row]).name}\n"
-             f"AP {q['ap']:.3f}, 1st hit {rank if rank else '-'}", "blue")
+             f"{ap}1st hit {rank if rank else '-'}", "blue")
         for c in range(k):
             j = int(report.topk_ids[qi, c])
             if j < 0:
@@ -140,7 +152,12 @@ def draw_worst_queries(
             axes[r][1 + k + c].axis("on")
             tile(axes[r][1 + k + c], g_row, f"MISSED {names[g_row]}\n{Path(paths[g_row]).name}\n"
                  f"d={dist:.3f}", "gray")
-    fig.suptitle(f"{title}\n{len(worst)} worst queries by AP (lowest AP first; ties: later first true match). "
+    if with_ap:
+        rule = f"{len(worst)} worst queries by AP (lowest AP first; ties: later first true match). "
+    else:
+        rule = (f"{len(worst)} worst queries by first-hit rank (no true match in the searched list first, then the "
+                f"latest first true match; backend {report.backend.split(' (')[0]} gives no AP). ")
+    fig.suptitle(f"{title}\n{rule}"
                  f"Green = right, red = wrong, gray = true matches missed from the top {k}. "
                  f"Distance: {report.distance}", fontsize=8)
     fig.tight_layout()

@@ -54,3 +54,38 @@ def test_empty_sequence_cells_exclude_nothing_and_metrics_match_unique_names(seq
     assert report.metrics == pytest.approx(expected.metrics, nan_ok=True)
     assert (report.per_query["n_true"].to_numpy() == expected.per_query["n_true"].to_numpy()).all()
     np.testing.assert_array_equal(report.topk_ids, expected.topk_ids)
+
+
+def _drawn_texts(monkeypatch, report, data, emb, tmp_path):
+    """(suptitle, query tile titles, worst) of the worst-query grid, captured instead of saved."""
+    import metriclab.evaluation as evaluation
+
+    figures = []
+    monkeypatch.setattr(evaluation, "atomic_savefig", lambda fig, path, dpi=80: figures.append(fig))
+    worst = evaluation.draw_worst_queries(report, data, emb, tmp_path / "grid.png", 5, 2, "t")
+    assert worst.equals(evaluation.select_worst_queries(report, 5)) and len(figures) == 1
+    fig = figures[0]
+    rows = np.array(fig.axes).reshape(len(worst), -1)  # subplots are created row by row
+    return fig._suptitle.get_text(), [row[0].get_title() for row in rows], worst
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss-flat"])
+def test_worst_query_grid_states_the_rule_it_selected_by(seq_data, monkeypatch, tmp_path, backend):
+    if backend != "exact":
+        pytest.importorskip("faiss")
+    data = seq_data
+    emb = torch.from_numpy(np.random.default_rng(1).normal(size=(len(data.df), 8)).astype(np.float32))
+    report = evaluate_validation(emb, data, _eval_cfg(backend=backend))
+    suptitle, queries, worst = _drawn_texts(monkeypatch, report, data, emb, tmp_path)
+    rank_key = worst["first_hit_rank"].where(worst["first_hit_rank"] > 0, np.iinfo(np.int64).max).to_numpy()
+    if backend == "exact":
+        assert "5 worst queries by AP (lowest AP first; ties: later first true match). Green = right" in suptitle
+        assert (np.diff(worst["ap"].to_numpy()) >= 0).all()
+        assert all(f"\nAP {ap:.3f}, 1st hit " in t for t, ap in zip(queries, worst["ap"]))
+    else:
+        assert worst["ap"].isna().all()  # faiss gives no AP: the grid must not claim to sort by it
+        assert "by AP" not in suptitle and "5 worst queries by first-hit rank" in suptitle
+        assert "faiss-flat gives no AP" in suptitle
+        assert (np.diff(rank_key) <= 0).all()
+        assert not any("AP" in t or "nan" in t for t in queries)
+        assert all("1st hit " in t for t in queries)
