@@ -87,11 +87,12 @@ class MetricLearningModule(pl.LightningModule):
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         embeddings = self.extractor(self._images(batch["input_tensors"]))
         loss = self.criterion(embeddings, batch["labels"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}: lower "
+        value = float(loss.detach())  # one device sync for the check and the epoch sum
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at epoch {self.current_epoch}, batch {batch_idx}: lower "
                                      f"the learning rate or check the criterion/miner config")
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(embeddings))
-        self._train_sums["train/loss"] += float(loss.detach())
+        self._train_sums["train/loss"] += value
         for k, v in (getattr(self.criterion, "last_logs", None) or {}).items():
             self._train_sums[f"train/{k}"] += float(v)
         self._train_batches += 1
