@@ -202,8 +202,8 @@ def tracked_run(
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     sigterm = _SigtermGuard()
     with sigterm.installed():
+        loggers: List[Logger] = []
         try:
-            loggers: List[Logger] = []
             if node is not None and is_main_process:
                 target = str(node.get("_target_", ""))
                 if target.endswith("MLFlowLogger"):
@@ -245,7 +245,7 @@ def tracked_run(
                     client.set_terminated(run_id, status)
                 except Exception as e:  # never mask the job's own error with a tracker error
                     log.error("could not set MLflow run %s to %s: %s", run_id, status, e)
-            for lg in loggers if "loggers" in locals() else []:
+            for lg in loggers:
                 if not isinstance(lg, MLFlowLogger):
                     with contextlib.suppress(Exception):
                         lg.finalize("success" if status == "FINISHED" else "failed")
