@@ -212,11 +212,14 @@ def _check_images(
     annotations: list[CarAnnotation], images_dir: Path, root: Path, check_boxes: bool, report: ConversionReport
 ) -> None:
     """Every annotated image exists (and, with boxes, its box lies inside it); extra files are reported."""
+    images = scan_image_files(images_dir, root, report)  # one listing serves the missing check and the report
+    present = {entry.name for entry, _ in images if entry.is_file()}
     missing, unreadable, bad_boxes = [], [], []
     for a in annotations:
         path = images_dir / a.fname
         rel = rel_posix(path, root)
-        if not path.is_file():
+        # fnames are bare names in every layout; only one not listed (e.g. cased otherwise) costs a stat.
+        if a.fname not in present and not path.is_file():
             missing.append(rel)
             continue
         if not check_boxes:
@@ -240,7 +243,7 @@ def _check_images(
             f"0 <= y_1 < y_2 <= height): {list_some(bad_boxes)}. Fix the annotation or pass --no-bboxes."
         )
     annotated = {a.fname for a in annotations}
-    for entry, rel in scan_image_files(images_dir, root, report):
+    for entry, rel in images:
         if entry.name not in annotated:
             report.skip("images without an annotation ignored", rel)
 

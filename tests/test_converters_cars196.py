@@ -193,6 +193,14 @@ def test_annotated_image_missing(tmp_path):
         convert_cars196(root)
 
 
+def test_folder_named_like_an_annotated_image_counts_as_missing(tmp_path):
+    root = write_cars_tree(tmp_path, layout="kaggle")  # images in the nested cars_test/cars_test/
+    (root / "cars_test" / "cars_test" / "00007.jpg").unlink()
+    (root / "cars_test" / "cars_test" / "00007.jpg").mkdir()
+    with pytest.raises(ConversionError, match=r"1 annotated image\(s\) missing: cars_test/cars_test/00007\.jpg$"):
+        convert_cars196(root, bboxes=False)
+
+
 def test_class_out_of_range_and_duplicate_fname(tmp_path):
     train, test = default_car_annotations()
     bad_class = train[:3] + [("00004.jpg", 197, (1, 1, 5, 5))]
