@@ -80,7 +80,7 @@ def apply_freezing(extractor: torch.nn.Module, node: DictConfig) -> None:
         freeze_batchnorm(extractor)
 
 
-def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, DataLoader, Any]:
+def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, DataLoader]:
     sampler = None
     if cfg.get("sampler") is not None:
         sampler = build(cfg.sampler, "sampler", labels=train_data.labels.tolist(),
@@ -95,7 +95,7 @@ def build_loaders(cfg: DictConfig, train_data, val_data) -> Tuple[DataLoader, Da
                           f"for the sampler/batch size; lower `sampler.n_labels`/`sampler.n_instances`/`batch_size`")
     val_loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
                             num_workers=cfg.num_workers)
-    return train_loader, val_loader, sampler
+    return train_loader, val_loader
 
 
 def _existing(path: Path) -> Optional[str]:
@@ -135,7 +135,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         if cfg.get("sampler") is None and criterion_needs_balanced_batches(criterion):
             raise ConfigError(f"criterion {cfg.criterion._target_} mines triplets inside a batch and needs n x k "
                               f"batches: use sampler=balance or sampler=category_balance (not ~sampler)")
-        train_loader, val_loader, _ = build_loaders(cfg, train_data, val_data)
+        train_loader, val_loader = build_loaders(cfg, train_data, val_data)
         optimizer_factory = build(cfg.optimizer, "optimizer")
         scheduler_factory = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
 
