@@ -40,6 +40,17 @@ def _to_bool(df: pd.DataFrame, rows: pd.Series, column: str, csv_path: Path) -> 
     return np.array(out, dtype=bool)
 
 
+def _first_non_integer(csv_path: Path, df: pd.DataFrame) -> str:
+    """'; row N (path=...) has VALUE' for the first `label` cell that is not an integer as written in the CSV (the
+    parsed column cannot tell 1.0 from 1), or '' if every cell looks like one."""
+    text = pd.read_csv(csv_path, usecols=[LABELS_COLUMN], dtype=str)[LABELS_COLUMN]
+    bad = np.flatnonzero(~text.str.fullmatch(r"\s*[+-]?\d+\s*").fillna(False).to_numpy(dtype=bool))
+    if len(bad) == 0:
+        return ""
+    row = int(bad[0])
+    return f"; row {row + 2} ({PATHS_COLUMN}={df.at[row, PATHS_COLUMN]}) has {text.iat[row]!r}"
+
+
 def read_dataset_csv(root: str | Path, csv_name: str = "dataset.csv") -> pd.DataFrame:
     """Read and check the CSV; every error names the file, the row or the column and says what to do."""
     root = Path(root)
@@ -53,14 +64,18 @@ def read_dataset_csv(root: str | Path, csv_name: str = "dataset.csv") -> pd.Data
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ConfigError(f"{csv_path}: missing column(s) {missing}; OML's format needs {list(REQUIRED_COLUMNS)}")
-    bad_split = sorted(set(df[SPLIT_COLUMN].astype(str)) - {"train", "validation"})
-    if bad_split:
-        raise ConfigError(f"{csv_path}: `split` must be 'train' or 'validation', found {bad_split}")
+    split_ok = df[SPLIT_COLUMN].astype(str).isin(["train", "validation"])
+    if not split_ok.all():
+        bad_split = sorted(set(df.loc[~split_ok, SPLIT_COLUMN].astype(str)), key=str)  # pandas 3 keeps NaN
+        row = int(np.flatnonzero(~split_ok)[0])
+        raise ConfigError(f"{csv_path}: `split` must be 'train' or 'validation', found {bad_split}; first at row "
+                          f"{row + 2} ({PATHS_COLUMN}={df.at[row, PATHS_COLUMN]}) has {df.at[row, SPLIT_COLUMN]!r}")
     if df[LABELS_COLUMN].isna().any():
         row = int(np.flatnonzero(df[LABELS_COLUMN].isna())[0])
         raise ConfigError(f"{csv_path}: row {row + 2} has an empty `label`")
     if not pd.api.types.is_integer_dtype(df[LABELS_COLUMN]):
-        raise ConfigError(f"{csv_path}: `label` must be integers, got dtype {df[LABELS_COLUMN].dtype}")
+        raise ConfigError(f"{csv_path}: `label` must be integers, got dtype {df[LABELS_COLUMN].dtype}"
+                          f"{_first_non_integer(csv_path, df)}")
     df[PATHS_COLUMN] = df[PATHS_COLUMN].astype(str)
     val = df[SPLIT_COLUMN] == "validation"
     for col in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):

@@ -197,3 +197,32 @@ def test_bad_csv_values_name_the_csv_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"row {first_val + 2} \(path={df.path[first_val]}\): `is_query` must be"):
         read_dataset_csv(root)
     assert (root / "dataset.csv").read_text().splitlines()[first_val + 1].split(",")[3] == "maybe"  # that line
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("label", "abc", "`label` must be integers, got dtype "),  # object or str, by pandas version
+    ("label", "1.5", "`label` must be integers, got dtype float64"),
+    ("label", "1.0", "`label` must be integers, got dtype float64"),  # parsed as 1.0: found in the CSV text
+    ("split", "test", "`split` must be 'train' or 'validation', found ['test']"),
+    ("split", "", "`split` must be 'train' or 'validation', found ["),  # 'nan' (pandas 2) or nan (pandas 3)
+    ("split", "test,", "`split` must be 'train' or 'validation', found ["),  # an empty cell and 'test'
+])
+def test_bad_label_or_split_names_the_first_csv_line(tmp_path, column, value, message):
+    import re
+
+    from metriclab.data import read_dataset_csv
+    from tests.conftest import write_tiny_dataset
+
+    root = tmp_path / "data"
+    df = write_tiny_dataset(root).astype({column: object})
+    bad = [3, 20]  # the first one is named
+    df.loc[bad, column] = value.split(",") if "," in value else value
+    value = df.loc[bad[0], column]
+    df.to_csv(root / "dataset.csv", index=False)
+    shown = repr(value) if value else "nan"
+    with pytest.raises(ConfigError, match=re.escape(message) + rf".*row {bad[0] + 2} \(path={df.path[bad[0]]}\) "
+                       rf"has {re.escape(shown)}"):
+        read_dataset_csv(root)
+    assert str(root / "dataset.csv") in str(pytest.raises(ConfigError, read_dataset_csv, root).value)
+    line = (root / "dataset.csv").read_text().splitlines()[bad[0] + 1]  # that CSV line holds the bad value
+    assert line.split(",")[list(df.columns).index(column)] == value
