@@ -63,7 +63,7 @@ class SemiHardTripletsMiner(ITripletsMinerInBatch):
         self._last_logs = {
             "n_triplets": float(len(ids_a)),
             "semihard_fallback": float(used_fallback),
-            "semihard_fallback_rate": self.n_fallbacks / self.n_batches,
+            "semihard_fallback_rate": self.fallback_rate,  # n_batches >= 1 here
         }
         return list(ids_a), list(ids_p), list(ids_n)
 
