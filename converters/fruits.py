@@ -117,9 +117,16 @@ def _check_class_sets(root: Path, query_dir: str, protocol: str, strict: bool, r
 
 
 def _inspect(
-    files_by_class: dict[str, list[Path]], folder: str, root: Path, report: ConversionReport, bad: list[str]
-) -> tuple[list[FruitImage], Counter, list[str]]:
-    images, modes, mislabelled = [], Counter(), []
+    files_by_class: dict[str, list[Path]],
+    folder: str,
+    root: Path,
+    report: ConversionReport,
+    bad: list[str],
+    modes: Counter,
+    mislabelled: list[str],
+) -> list[FruitImage]:
+    """The folder's usable images; unusable files, image modes and mislabelled files go into the accumulators."""
+    images = []
     for class_name, paths in files_by_class.items():
         if not paths:
             report.warn(f"{folder}/{class_name}/ holds no images")
@@ -134,7 +141,7 @@ def _inspect(
             if not info.extension_matches:
                 mislabelled.append(f"{rel} ({info.format})")
             images.append(FruitImage(rel, folder, class_name, info.sha1))
-    return images, modes, mislabelled
+    return images
 
 
 def _report_duplicates(images: list[FruitImage], report: ConversionReport) -> None:
@@ -180,12 +187,8 @@ def convert_fruits(
     mislabelled: list[str] = []
     images_by_folder = {}
     for folder in (TRAIN_DIR, query):
-        images, folder_modes, folder_mislabelled = _inspect(
-            _collect_files(root / folder, root, report), folder, root, report, bad
-        )
-        images_by_folder[folder] = images
-        modes.update(folder_modes)
-        mislabelled += folder_mislabelled
+        files_by_class = _collect_files(root / folder, root, report)
+        images_by_folder[folder] = _inspect(files_by_class, folder, root, report, bad, modes, mislabelled)
     if bad and strict:
         raise ConversionError(f"{len(bad):,} image(s) cannot be used: {list_some(bad)}. Remove or replace them.")
     for item in bad:
