@@ -21,6 +21,7 @@ from oml.datasets import ImageLabeledDataset
 
 from metriclab.config import ConfigError
 
+CLASS_NAME_COLUMN = "class_name"  # optional, written by the fruits and cars converters
 REQUIRED_COLUMNS = (LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN)
 BOOL_STRINGS = {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
 
@@ -49,6 +50,13 @@ def _first_non_integer(csv_path: Path, df: pd.DataFrame) -> str:
         return ""
     row = int(bad[0])
     return f"; row {row + 2} ({PATHS_COLUMN}={df.at[row, PATHS_COLUMN]}) has {text.iat[row]!r}"
+
+
+def class_names(df: pd.DataFrame) -> np.ndarray:
+    """What to call each row's class in figures and tables: its `class_name` when the CSV has that column, else its
+    label, as strings."""
+    column = CLASS_NAME_COLUMN if CLASS_NAME_COLUMN in df.columns else LABELS_COLUMN
+    return df[column].astype(str).to_numpy()
 
 
 def read_dataset_csv(root: str | Path, csv_name: str = "dataset.csv") -> pd.DataFrame:

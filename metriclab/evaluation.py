@@ -19,7 +19,7 @@ from omegaconf import DictConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from metriclab.atomic import atomic_write  # noqa: E402
-from metriclab.data import ValidationData  # noqa: E402
+from metriclab.data import ValidationData, class_names  # noqa: E402
 from metriclab.retrieval_metrics import RetrievalReport, evaluate_retrieval  # noqa: E402
 
 def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig) -> RetrievalReport:
@@ -65,6 +65,17 @@ def read_tile(path: Path, size: int = 128) -> np.ndarray:
     img = Image.open(path).convert("RGB")
     img.thumbnail((size, size))
     return np.asarray(img)
+
+
+def style_tile(ax: plt.Axes, image: Any, caption: str, color: str) -> None:
+    """One tile of every image grid: the image, a small black caption above it, a thick `color` frame, no ticks."""
+    ax.imshow(image)
+    ax.set_title(caption, fontsize=6.5, color="black")
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(4)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
@@ -115,17 +126,10 @@ def draw_worst_queries(
     n_cols = 1 + k + n_missed
     fig, axes = plt.subplots(len(worst), n_cols, figsize=(1.9 * n_cols, 2.3 * len(worst) + 0.6), squeeze=False)
     paths, labels, seq = data.paths, data.labels, data.sequences
-    # a converter's `class_name` column reads better than the integer label
-    names = data.df["class_name"].astype(str).to_numpy() if "class_name" in data.df.columns else labels.astype(str)
+    names = class_names(data.df)  # a converter's `class_name` column reads better than the integer label
 
     def tile(ax, row: int, caption: str, color: str) -> None:
-        ax.imshow(read_tile(data.root / paths[row]))
-        ax.set_title(caption, fontsize=6.5, color="black")
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-            spine.set_linewidth(4)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        style_tile(ax, read_tile(data.root / paths[row]), caption, color)
 
     for r, (_, q) in enumerate(worst.iterrows()):
         qi = int(q["query_index"])

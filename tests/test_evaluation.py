@@ -89,3 +89,13 @@ def test_worst_query_grid_states_the_rule_it_selected_by(seq_data, monkeypatch, 
         assert (np.diff(rank_key) <= 0).all()
         assert not any("AP" in t or "nan" in t for t in queries)
         assert all("1st hit " in t for t in queries)
+
+
+def test_class_names_prefer_the_class_name_column():
+    import pandas as pd
+
+    from metriclab.data import class_names
+
+    df = pd.DataFrame({"label": [3, 10], "path": ["a", "b"]})
+    assert class_names(df).tolist() == ["3", "10"]
+    assert class_names(df.assign(class_name=["apple", 7])).tolist() == ["apple", "7"]
