@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Container, Dict, Iterator, Tuple
+from pathlib import Path
+from typing import Any, Container, Dict, Iterator, List, Tuple
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
@@ -76,3 +77,22 @@ def flatten(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix[:-1], OmegaConf.to_container(cfg, resolve=True)
     else:
         yield prefix[:-1], cfg
+
+
+def job_identity(cfg: DictConfig) -> Tuple[Path, str, List[str]]:
+    """Run dir, run name `<config-name>-<timestamp>[-<job number>]` and the command-line overrides."""
+    run_dir = Path(cfg.paths.run_dir)
+    config_name = cfg.get("config_name")
+    overrides: List[str] = []
+    suffix = ""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        config_name = config_name or hc.job.config_name
+        overrides = list(hc.overrides.task)
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            suffix = f"-{hc.job.num}"
+    except ValueError:  # not started by @hydra.main (tests, notebooks): the config carries what we need
+        pass
+    return run_dir, f"{config_name or cfg.task}-{cfg.timestamp}{suffix}", overrides

@@ -22,12 +22,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metriclab.config import ConfigError, build
+from metriclab.config import ConfigError, build, job_identity
 from metriclab.data import build_validation_data, read_dataset_csv
 from metriclab.evaluation import atomic_savefig, evaluate_validation, plt, select_worst_queries, write_csv_atomic
 from metriclab.predict import embed_dataset, list_failures, load_extractor
 from metriclab.tracking import tracked_run
-from metriclab.train import job_identity
 
 #: Config groups taken from the explained run (unless given on the command line): they define its worst queries.
 RUN_GROUPS = ("dataset", "transforms", "evaluation", "extractor")

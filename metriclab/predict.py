@@ -27,12 +27,11 @@ from oml.datasets import ImageBaseDataset
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from metriclab.config import ConfigError, build
+from metriclab.config import ConfigError, build, job_identity
 from metriclab.data import read_dataset_csv
 from metriclab.extractors import build_extractor_for_inference, extractor_constructor_cfg
 from metriclab.search_index import GalleryIndex, IndexSpec, file_sha256, files_fingerprint, load_or_build_gallery
 from metriclab.atomic import write_json_atomic
-from metriclab.train import job_identity
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from metriclab.atomic import atomic_write
-from metriclab.config import ConfigError, build
+from metriclab.config import ConfigError, build, job_identity
 from metriclab.data import build_train_data, build_validation_data, read_dataset_csv
 from metriclab.evaluation import format_metrics_table
 from metriclab.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
@@ -25,25 +25,6 @@ from metriclab.module import MetricLearningModule
 from metriclab.tracking import tracked_run
 
 log = logging.getLogger(__name__)
-
-
-def job_identity(cfg: DictConfig) -> Tuple[Path, str, List[str]]:
-    """Run dir, run name `<config-name>-<timestamp>[-<job number>]` and the command-line overrides."""
-    run_dir = Path(cfg.paths.run_dir)
-    config_name = cfg.get("config_name")
-    overrides: List[str] = []
-    suffix = ""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        config_name = config_name or hc.job.config_name
-        overrides = list(hc.overrides.task)
-        if hc.mode is not None and hc.mode.name == "MULTIRUN":
-            suffix = f"-{hc.job.num}"
-    except ValueError:  # not started by @hydra.main (tests, notebooks): the config carries what we need
-        pass
-    return run_dir, f"{config_name or cfg.task}-{cfg.timestamp}{suffix}", overrides
 
 
 def expected_metric_keys(eval_cfg: DictConfig) -> List[str]:
