@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from metriclab.atomic import atomic_write  # noqa: E402
+from metriclab.atomic import atomic_savefig, write_csv_atomic  # noqa: E402
 from metriclab.data import ValidationData, class_names  # noqa: E402
 from metriclab.retrieval_metrics import RetrievalReport, evaluate_retrieval  # noqa: E402
 
@@ -76,10 +76,6 @@ def style_tile(ax: plt.Axes, image: Any, caption: str, color: str) -> None:
         spine.set_linewidth(4)
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def atomic_savefig(fig: plt.Figure, path: Path, dpi: int = 80) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi), ".png")
 
 
 def _missed_true_matches(
@@ -180,10 +176,6 @@ def worst_queries_table(worst: pd.DataFrame, data: ValidationData) -> pd.DataFra
         "first_hit_rank": worst["first_hit_rank"].to_numpy(),
         "ap": worst["ap"].to_numpy(),
     })
-
-
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def save_worst_queries(

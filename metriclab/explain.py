@@ -22,9 +22,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from metriclab.atomic import atomic_savefig, write_csv_atomic
 from metriclab.config import ConfigError, build, job_identity
-from metriclab.data import build_validation_data, read_dataset_csv
-from metriclab.evaluation import atomic_savefig, evaluate_validation, plt, select_worst_queries, write_csv_atomic
+from metriclab.data import build_validation_data, class_names, read_dataset_csv
+from metriclab.evaluation import evaluate_validation, plt, select_worst_queries, style_tile
 from metriclab.predict import embed_dataset, list_failures, load_extractor
 from metriclab.tracking import tracked_run
 
@@ -214,13 +215,7 @@ def _draw_grid(rows: List[Dict[str, Any]], out_png: Path, title: str) -> None:
                 continue
             tile = row["tiles"][c]
             ax.axis("on")
-            ax.imshow(tile["overlay"])
-            ax.set_title(tile["caption"], fontsize=6.5)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(tile["color"])
-                spine.set_linewidth(4)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            style_tile(ax, tile["overlay"], tile["caption"], tile["color"])
     fig.suptitle(textwrap.fill(title, width=32 * n_cols), fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, out_png, dpi=100)
@@ -262,8 +257,7 @@ def explain(cfg: DictConfig) -> Dict[str, Any]:
 
         q_rows, g_rows = np.flatnonzero(val_data.is_query), np.flatnonzero(val_data.is_gallery)
         labels, paths = val_data.labels, val_data.paths
-        names = (val_data.df["class_name"].astype(str).to_numpy() if "class_name" in val_data.df.columns
-                 else labels.astype(str))
+        names = class_names(val_data.df)
         grid_rows, table, all_maps = [], [], []
         for _, q in worst.iterrows():
             qi = int(q["query_index"])

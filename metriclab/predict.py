@@ -28,15 +28,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from metriclab.config import ConfigError, build, job_identity
-from metriclab.data import read_dataset_csv
+from metriclab.data import class_names, read_dataset_csv
 from metriclab.extractors import build_extractor_for_inference, extractor_constructor_cfg
 from metriclab.search_index import GalleryIndex, IndexSpec, file_sha256, files_fingerprint, load_or_build_gallery
-from metriclab.atomic import write_json_atomic
+from metriclab.atomic import atomic_savefig, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-CLASS_NAME_COLUMN = "class_name"  # written by the fruits and cars converters
 GALLERY_ROWS = ("gallery", "train", "all")
 
 
@@ -209,10 +208,8 @@ def dataset_gallery(cfg: DictConfig) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     if picked.empty:
         raise ConfigError(f"{root / cfg.dataset.csv}: no rows for gallery_rows={rows} "
                           f"({'validation rows with is_gallery=True' if rows == 'gallery' else rows + ' rows'})")
-    names = (picked[CLASS_NAME_COLUMN].astype(str) if CLASS_NAME_COLUMN in picked.columns
-             else picked[LABELS_COLUMN].astype(str))
     table = pd.DataFrame({"path": [str(root / p) for p in picked[PATHS_COLUMN]],
-                          "label": picked[LABELS_COLUMN].astype(int).to_numpy(), "class_name": names.to_numpy()})
+                          "label": picked[LABELS_COLUMN].astype(int).to_numpy(), "class_name": class_names(picked)})
     return table, {"source": "dataset", "root": str(root), "csv": cfg.dataset.csv, "rows": rows}
 
 
@@ -290,7 +287,7 @@ def _warn_if_transforms_differ(cfg: DictConfig, meta: Dict[str, Any]) -> None:
 
 
 def _draw_prediction(record: Dict[str, Any], out_png: Path) -> None:
-    from metriclab.evaluation import atomic_savefig, read_tile, plt  # one figure style for every image grid
+    from metriclab.evaluation import plt, read_tile, style_tile  # one style for every image grid
 
     neighbours = record["neighbours"]
     n_cols = 1 + len(neighbours)
@@ -298,13 +295,7 @@ def _draw_prediction(record: Dict[str, Any], out_png: Path) -> None:
     predicted = record["predicted_class"]
 
     def tile(ax, path: str, caption: str, color: str) -> None:
-        ax.imshow(read_tile(Path(path)))
-        ax.set_title(caption, fontsize=6.5)
-        for spine in ax.spines.values():
-            spine.set_edgecolor(color)
-            spine.set_linewidth(4)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        style_tile(ax, read_tile(Path(path)), caption, color)
 
     tile(axes[0][0], record["image"], f"QUERY\n{Path(record['image']).name}\npredicted: {predicted}", "blue")
     for c, nb in enumerate(neighbours):
