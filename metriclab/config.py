@@ -96,3 +96,9 @@ def job_identity(cfg: DictConfig) -> Tuple[Path, str, List[str]]:
     except ValueError:  # not started by @hydra.main (tests, notebooks): the config carries what we need
         pass
     return run_dir, f"{config_name or cfg.task}-{cfg.timestamp}{suffix}", overrides
+
+
+def mlflow_metric_key(key: str) -> str:
+    """MLflow forbids '@' in metric names: `val/cmc@1` is logged as `val/cmc_at_1`. Here, not in tracking, because
+    the torch-free report reads the names that tracking writes."""
+    return key.replace("@", "_at_")

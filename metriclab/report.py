@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 # metriclab.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
 from metriclab.atomic import atomic_savefig, write_csv_atomic, write_text_atomic  # noqa: E402
-from metriclab.config import ConfigError  # noqa: E402
+from metriclab.config import ConfigError, mlflow_metric_key  # noqa: E402
 from metriclab.paths import OUTPUTS_DIR  # noqa: E402
 
 DEFAULT_METRICS = ("mAP", "cmc@1", "cmc@5", "precision@5", "map@5", "knn_accuracy@1")
@@ -35,11 +35,6 @@ DEFAULT_URI = f"sqlite:///{OUTPUTS_DIR / 'mlflow.db'}"
 TRAIN_LOSS = "train/loss"
 #: Runs drawn on the comparison plot (the best ones): more lines than this are unreadable.
 MAX_COMPARED = 12
-
-
-def mlflow_metric_key(key: str) -> str:
-    """As metriclab.tracking.mlflow_metric_key: MLflow forbids '@', so `cmc@1` is logged as `cmc_at_1`."""
-    return key.replace("@", "_at_")
 
 
 def default_tracking_uri() -> str:

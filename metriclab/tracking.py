@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, MLFlowLogger
 
 from metriclab.atomic import write_text_atomic
-from metriclab.config import ConfigError, build, flatten
+from metriclab.config import ConfigError, build, flatten, mlflow_metric_key
 from metriclab.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,6 @@ PACKAGES_TO_TAG = ("torch", "torchvision", "open-metric-learning", "pytorch-ligh
 
 class JobTerminated(BaseException):
     """Raised from the SIGTERM handler so the job unwinds like on Ctrl-C and its run ends KILLED."""
-
-
-def mlflow_metric_key(key: str) -> str:
-    """MLflow forbids '@' in metric names: `val/cmc@1` is logged as `val/cmc_at_1`."""
-    return key.replace("@", "_at_")
 
 
 def git_state() -> Dict[str, str]:
