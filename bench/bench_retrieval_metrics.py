@@ -1,4 +1,4 @@
-"""Benchmark of the evaluation engine (metriclab.retrieval_metrics) against the plain matrix product and OML.
+"""Benchmark of the evaluation engine (metriclab.evaluation.engine) against the plain matrix product and OML.
 
 Market-1501 size by default: Q=3,368 queries, G=19,732 gallery items, D=512, random float32 embeddings, 1,500
 identities, sequences "<pid>_c<cam>" over 6 cameras (same layout as the OML notes' benchmark). Every case runs in its
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
-from metriclab.atomic import replace_markdown_section
+from metriclab.core.atomic import replace_markdown_section
 
 SECTION = "## Evaluation engine"
-ABOUT = """`metriclab.retrieval_metrics.evaluate_retrieval` (exact CMC@k, re-ID mAP over the whole ranking, mINP, OML's
+ABOUT = """`metriclab.evaluation.engine.evaluate_retrieval` (exact CMC@k, re-ID mAP over the whole ranking, mINP, OML's
 map@k / precision@k, kNN accuracy, pcf) against the plain Q×G×D matrix product and OML's full-gallery path
 (`RetrievalResults.from_embeddings(n_items=G)` + `calc_retrieval_metrics_rr(map_top_k=(G,))`), produced by
 `bench/bench_retrieval_metrics.py`.
@@ -112,7 +112,7 @@ def time_matmul(data: dict) -> Clock:
 
 
 def run_engine(data: dict, **kwargs) -> tuple[Clock, dict]:
-    from metriclab.retrieval_metrics import evaluate_retrieval
+    from metriclab.evaluation.engine import evaluate_retrieval
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # queries without a cross-camera match are counted, not news
@@ -173,7 +173,7 @@ def run_case(case: str) -> dict:
     size = BIG if case == "big" else MARKET
     data = make_data(**size)
     # imports and a tiny warm-up call happen before the peak-RSS reset and the clock: they are not the engine's work
-    import metriclab.retrieval_metrics  # noqa: F401
+    import metriclab.evaluation.engine  # noqa: F401
     import oml.metrics.embeddings  # noqa: F401
 
     run_engine(make_data(50, 200, 8, 20))

@@ -1,4 +1,4 @@
-"""Benchmark of the predict search index (metriclab.search_index): flat vs HNSW on a 100,000 x 512 gallery.
+"""Benchmark of the predict search index (metriclab.inference.search_index): flat vs HNSW on a 100,000 x 512 gallery.
 
 Measures, through the same `build_index` / `search` calls predict uses (euclidean distance, k=10):
 - build time of each index;
@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
-from metriclab.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
-from metriclab.search_index import IndexSpec, build_index, search  # noqa: E402
+from metriclab.core.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
+from metriclab.inference.search_index import IndexSpec, build_index, search  # noqa: E402
 
 SECTION = "## Search index"
 TARGET_MS = 10.0
@@ -146,7 +146,7 @@ def main() -> int:
               f"{started:%Y-%m-%d %H:%M %Z}: {cpu_model()}, {os.cpu_count()} cores (shared), faiss "
               f"{faiss.__version__}, {args.threads} thread(s). Load average before {load_before[0]:.2f}, after "
               f"{load_after[0]:.2f} (1 min). Gallery {args.n:,} x {args.dim} float32, {data_note}; euclidean, "
-              f"k={K}, through metriclab.search_index (what predict uses).\n\n{verdict}.")
+              f"k={K}, through metriclab.inference.search_index (what predict uses).\n\n{verdict}.")
     print("\n" + header + "\n\n" + "\n".join(table))
     if args.update_docs:
         title = f"{args.data} data" + (f", noise {args.noise:g}" if args.data == "clustered" else "")

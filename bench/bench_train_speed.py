@@ -4,7 +4,7 @@ Both loops train the same model on the same in-memory data, batch for batch:
 - data: a synthetic dataset in OML's CSV format (RGB PNGs in a temporary folder), decoded ONCE through OML's
   `ImageLabeledDataset` with the config's transform; the decoded items stay in memory, so neither loop reads or
   decodes images while it is timed ("same work, data in memory");
-- pipeline: `metriclab.train.train(cfg)` itself, i.e. what `scripts/train.py` runs (Hydra config, MLflow run,
+- pipeline: `metriclab.jobs.train.train(cfg)` itself, i.e. what `scripts/train.py` runs (Hydra config, MLflow run,
   ModelCheckpoint, progress bar, Lightning `trainer.fit` on `MetricLearningModule`), with two things patched in:
   `build_train_data` returns the pre-decoded items, and the module reads the clock in a few hooks;
 - bare loop: OML `ResnetExtractor` + `TripletLossWithMiner(HardTripletsMiner)` + `torch.optim.Adam` built from the
@@ -22,7 +22,7 @@ loops did the same work (identical batches, identical first-step loss) and fails
     .venv/bin/python bench/bench_train_speed.py --update-docs docs/benchmarks.md  # write "## Training speed"
 
 Informational rows (not part of the target): the pipeline as a user runs it, reading and decoding the PNGs on the
-training thread (`num_workers=0`); and the start-up cost of building the sampler through `metriclab.config.build`
+training thread (`num_workers=0`); and the start-up cost of building the sampler through `metriclab.core.config.build`
 for a 60,000-image train split, against passing the label list to the constructor directly (a proposed fix).
 
 Target (issue 4): pipeline images/s >= 0.95 x bare loop. Exit status 0 when every thread count meets it.
@@ -49,14 +49,14 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import metriclab.config  # noqa: E402,F401  (registers the repo_root resolver the configs use)
-import metriclab.train as train_mod  # noqa: E402
+import metriclab.core.config  # noqa: E402,F401  (registers the repo_root resolver the configs use)
+import metriclab.jobs.train as train_mod  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
-from metriclab.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
-from metriclab.config import build  # noqa: E402
-from metriclab.data import TrainData, build_train_data, read_dataset_csv  # noqa: E402
-from metriclab.module import MetricLearningModule  # noqa: E402
-from metriclab.paths import CONFIGS_DIR  # noqa: E402
+from metriclab.core.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
+from metriclab.core.config import build  # noqa: E402
+from metriclab.data.datasets import TrainData, build_train_data, read_dataset_csv  # noqa: E402
+from metriclab.training.module import MetricLearningModule  # noqa: E402
+from metriclab.core.paths import CONFIGS_DIR  # noqa: E402
 
 SECTION = "## Training speed"
 TARGET_RATIO = 0.95
@@ -357,7 +357,7 @@ def measure_disk_row(work: Path, data_root: Path, args, rows: List) -> Dict[str,
 
 
 def build_with_direct_runtime(node, key: str, **runtime: Any) -> Any:
-    """The proposed fix for `metriclab.config.build`: same checks and errors, but runtime values (label lists,
+    """The proposed fix for `metriclab.core.config.build`: same checks and errors, but runtime values (label lists,
     label2category) go to the constructor directly instead of through Hydra/OmegaConf, which wraps every list
     element in a config node (~70 µs per label)."""
     import functools
@@ -365,7 +365,7 @@ def build_with_direct_runtime(node, key: str, **runtime: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import get_object, instantiate
 
-    from metriclab.config import ConfigError, _signature_params
+    from metriclab.core.config import ConfigError, _signature_params
 
     target = get_object(node._target_)
     params = _signature_params(target)
@@ -404,7 +404,7 @@ def measure_sampler_build(n_images: int = 60_000, n_instances: int = 4) -> Dict[
 
 def intro() -> str:
     return "\n".join([
-        "`metriclab.train.train(cfg)` — what `scripts/train.py` runs: Hydra config, MLflow run, ModelCheckpoint, "
+        "`metriclab.jobs.train.train(cfg)` — what `scripts/train.py` runs: Hydra config, MLflow run, ModelCheckpoint, "
         "progress bar, Lightning `trainer.fit` on `MetricLearningModule` — against a bare PyTorch loop doing the same "
         "work, produced by `bench/bench_train_speed.py`.",
         "",

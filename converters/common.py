@@ -34,7 +34,7 @@ from oml.const import (
 )
 from oml.utils.dataframe_format import check_retrieval_dataframe_format
 
-from metriclab.atomic import atomic_write
+from metriclab.core.atomic import atomic_write
 
 TRAIN = "train"
 VALIDATION = "validation"

@@ -2,9 +2,9 @@
 import hydra
 from omegaconf import DictConfig
 
-import metriclab.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
-from metriclab.demo import run_demo
-from metriclab.paths import CONFIGS_DIR
+import metriclab.core.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
+from metriclab.jobs.demo import run_demo
+from metriclab.core.paths import CONFIGS_DIR
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="digits_demo", version_base="1.3")

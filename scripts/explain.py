@@ -2,9 +2,9 @@
 import hydra
 from omegaconf import DictConfig
 
-import metriclab.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
-from metriclab.explain import explain
-from metriclab.paths import CONFIGS_DIR
+import metriclab.core.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
+from metriclab.jobs.explain import explain
+from metriclab.core.paths import CONFIGS_DIR
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="explain", version_base="1.3")

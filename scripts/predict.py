@@ -2,9 +2,9 @@
 import hydra
 from omegaconf import DictConfig
 
-import metriclab.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
-from metriclab.paths import CONFIGS_DIR
-from metriclab.predict import predict
+import metriclab.core.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
+from metriclab.core.paths import CONFIGS_DIR
+from metriclab.jobs.predict import predict
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="predict", version_base="1.3")

@@ -6,8 +6,8 @@ from pathlib import Path
 from converters.common import write_csv_atomically
 from converters.common import summarize
 from converters.fruits import convert_fruits
-from metriclab.digits import write_digits_folders
-from metriclab.paths import OUTPUTS_DIR
+from metriclab.data.digits import write_digits_folders
+from metriclab.core.paths import OUTPUTS_DIR
 
 
 def main(argv=None) -> int:

@@ -2,9 +2,9 @@
 import argparse
 import sys
 
-from metriclab.config import ConfigError
-from metriclab.paths import OUTPUTS_DIR
-from metriclab.report import DEFAULT_METRICS, DEFAULT_URI, write_report
+from metriclab.core.errors import ConfigError
+from metriclab.core.paths import OUTPUTS_DIR
+from metriclab.tracking.report import DEFAULT_METRICS, DEFAULT_URI, write_report
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from metriclab.paths import OUTPUTS_DIR
+from metriclab.core.paths import OUTPUTS_DIR
 
 
 def main(argv=None) -> int:

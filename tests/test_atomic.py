@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from metriclab.atomic import atomic_write, markdown_subsections, replace_markdown_section, write_json_atomic
+from metriclab.core.atomic import atomic_write, markdown_subsections, replace_markdown_section, write_json_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -10,27 +10,17 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from metriclab.paths import REPO_ROOT
-from tests.conftest import fast_overrides
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
-
+from metriclab.core.paths import REPO_ROOT
+from tests.helpers import ENV, cli_overrides
 
 def _runs(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def _cli_overrides(tmp_path: Path, dataset_root: Path):
-    # the run dir comes from Hydra here (outputs/<task>/<timestamp>), so drop the test's fixed one
-    return [o for o in fast_overrides(tmp_path, dataset_root) if not o.startswith("paths.run_dir")] + [
-        "sampler.n_labels=4", "sampler.n_instances=3"]
-
-
 def test_missing_dataset_exits_nonzero_with_message_and_failed_run(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "scripts/train.py", *_cli_overrides(tmp_path, tmp_path / "nowhere")],
+        [sys.executable, "scripts/train.py", *cli_overrides(tmp_path, tmp_path / "nowhere")],
         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0
@@ -41,7 +31,7 @@ def test_missing_dataset_exits_nonzero_with_message_and_failed_run(tmp_path):
 
 def test_sigterm_marks_run_killed(tmp_path, tiny_dataset):
     proc = subprocess.Popen(
-        [sys.executable, "scripts/train.py", *_cli_overrides(tmp_path, tiny_dataset), "trainer.max_epochs=500"],
+        [sys.executable, "scripts/train.py", *cli_overrides(tmp_path, tiny_dataset), "trainer.max_epochs=500"],
         cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -62,7 +52,7 @@ def test_sigterm_marks_run_killed(tmp_path, tiny_dataset):
 
 def test_multirun_gives_one_finished_run_per_job(tmp_path, tiny_dataset):
     proc = subprocess.run(
-        [sys.executable, "scripts/train.py", "-m", *_cli_overrides(tmp_path, tiny_dataset),
+        [sys.executable, "scripts/train.py", "-m", *cli_overrides(tmp_path, tiny_dataset),
          "criterion=triplet_hard,arcface", "config_name=sweep"],
         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )
@@ -70,7 +60,7 @@ def test_multirun_gives_one_finished_run_per_job(tmp_path, tiny_dataset):
     _, runs = _runs(tmp_path)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.params["criterion._target_"] for r in runs} == {"oml.losses.TripletLossWithMiner",
-                                                                  "metriclab.losses.ArcFaceLoss"}
+                                                                  "metriclab.models.losses.ArcFaceLoss"}
     assert len({r.info.run_name for r in runs}) == 2
     assert all(r.info.run_name.startswith("sweep-") for r in runs)
 
@@ -78,7 +68,7 @@ def test_multirun_gives_one_finished_run_per_job(tmp_path, tiny_dataset):
 def test_resume_after_sigkill_continues_the_same_run_without_gaps_or_duplicates(tmp_path, tiny_dataset):
     import torch
 
-    args = [sys.executable, "scripts/train.py", *_cli_overrides(tmp_path, tiny_dataset)]
+    args = [sys.executable, "scripts/train.py", *cli_overrides(tmp_path, tiny_dataset)]
     proc = subprocess.Popen(args + ["trainer.max_epochs=300"], cwd=REPO_ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metriclab.config import ConfigError, build
-from metriclab.extractors import build_extractor
-from metriclab.paths import CONFIGS_DIR
-from tests.conftest import compose_cfg
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
+from metriclab.models.extractors import build_extractor
+from metriclab.core.paths import CONFIGS_DIR
+from tests.helpers import compose_cfg
 
 GROUPS = ["dataset", "extractor", "criterion", "sampler", "optimizer", "scheduler", "transforms", "evaluation",
           "logger", "trainer", "paths"]

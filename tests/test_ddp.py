@@ -8,8 +8,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from metriclab.paths import REPO_ROOT
-from tests.test_cli import ENV, _cli_overrides
+from metriclab.core.paths import REPO_ROOT
+from tests.helpers import ENV, cli_overrides
 
 
 def _run(args, timeout=400):
@@ -20,7 +20,7 @@ def _run(args, timeout=400):
 
 
 def test_ddp_training_is_one_run_and_validation_matches_one_process(tmp_path, tiny_dataset):
-    train_args = ["scripts/train.py", *_cli_overrides(tmp_path, tiny_dataset), "trainer=ddp", "trainer.devices=2",
+    train_args = ["scripts/train.py", *cli_overrides(tmp_path, tiny_dataset), "trainer=ddp", "trainer.devices=2",
                   "trainer.max_epochs=2", "sampler.n_labels=2"]
     _run(train_args)
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from converters.fruits import convert_fruits
-from metriclab.digits import CLASS_NAMES, IMAGE_SIZE, write_digits_folders
+from metriclab.data.digits import CLASS_NAMES, IMAGE_SIZE, write_digits_folders
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_digits_convert_with_the_fruit_converter(digits_root):
 @pytest.mark.slow
 def test_digits_demo_learns(digits_root, tmp_path):
     """The demo config end to end (~1.5 min): mAP and precision@50 far above random init."""
-    from metriclab.demo import run_demo
+    from metriclab.jobs.demo import run_demo
     from converters.common import write_csv_atomically
-    from tests.conftest import compose_cfg
+    from tests.helpers import compose_cfg
 
     root, _ = digits_root
     write_csv_atomically(convert_fruits(root).df, root / "dataset.csv", root)

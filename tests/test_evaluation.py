@@ -1,4 +1,4 @@
-"""metriclab.data's ValidationData and metriclab.evaluation's validation pass, without training."""
+"""metriclab.data.datasets's ValidationData and metriclab.evaluation.pictures's validation pass, without training."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metriclab.data import build_validation_data, read_dataset_csv
-from metriclab.evaluation import evaluate_validation
-from metriclab.paths import REPO_ROOT
-from metriclab.retrieval_metrics import evaluate_retrieval
-from tests.conftest import write_tiny_dataset
+from metriclab.data.datasets import build_validation_data, read_dataset_csv
+from metriclab.evaluation.pictures import evaluate_validation
+from metriclab.core.paths import REPO_ROOT
+from metriclab.evaluation.engine import evaluate_retrieval
+from tests.helpers import write_tiny_dataset
 
 
 def _eval_cfg(**overrides):
@@ -58,7 +58,7 @@ def test_empty_sequence_cells_exclude_nothing_and_metrics_match_unique_names(seq
 
 def _drawn_texts(monkeypatch, report, data, emb, tmp_path):
     """(suptitle, query tile titles, worst) of the worst-query grid, captured instead of saved."""
-    import metriclab.evaluation as evaluation
+    import metriclab.evaluation.pictures as evaluation
 
     figures = []
     monkeypatch.setattr(evaluation, "atomic_savefig", lambda fig, path, dpi=80: figures.append(fig))
@@ -94,7 +94,7 @@ def test_worst_query_grid_states_the_rule_it_selected_by(seq_data, monkeypatch, 
 def test_class_names_prefer_the_class_name_column():
     import pandas as pd
 
-    from metriclab.data import class_names
+    from metriclab.data.datasets import class_names
 
     df = pd.DataFrame({"label": [3, 10], "path": ["a", "b"]})
     assert class_names(df).tolist() == ["3", "10"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from metriclab.config import flatten
-from metriclab.paths import CONFIGS_DIR
-from metriclab.train import train
-from tests.conftest import compose_cfg, fast_overrides
+from metriclab.core.config import flatten
+from metriclab.core.paths import CONFIGS_DIR
+from metriclab.jobs.train import train
+from tests.helpers import compose_cfg, fast_overrides
 
 EXPERIMENTS = ["market_arcface", "market_triplet", "market_bot", "cars_triplet", "cars_arcface", "fruits_arcface",
                "fruits_cosface", "fruits_sphereface", "fruits_subcenter_arcface", "digits_demo"]
@@ -33,7 +33,7 @@ def test_experiments_set_what_their_recipes_say(tmp_path):
     assert market["market_bot"].criterion.triplet.margin == 0.3
     assert market["market_bot"].criterion.classification.label_smoothing == 0.1
     assert list(market["market_bot"].scheduler.milestones) == [40, 70] and market["market_bot"].trainer.max_epochs == 120
-    assert market["market_arcface"].criterion._target_ == "metriclab.losses.ArcFaceLoss"
+    assert market["market_arcface"].criterion._target_ == "metriclab.models.losses.ArcFaceLoss"
     cars = _plain("cars_triplet", tmp_path)
     assert list(cars.evaluation.cmc_top_k) == [1, 2, 4, 8] and cars.extractor.weights == "vits16_dino"
     assert cars.sampler._target_.endswith("CategoryBalanceSampler")

@@ -14,8 +14,9 @@ from oml.models import ResnetExtractor, ViTExtractor
 from omegaconf import OmegaConf
 from PIL import Image
 
-from metriclab.config import ConfigError, build
-from metriclab.explain import (
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
+from metriclab.jobs.explain import (
     SimilarityTarget,
     explain,
     overlay,
@@ -23,8 +24,8 @@ from metriclab.explain import (
     similarity_cams,
     tensor_to_image,
 )
-from metriclab.train import train
-from tests.conftest import compose_cfg, fast_overrides, write_tiny_dataset
+from metriclab.jobs.train import train
+from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
 
 
 class PatchModel(torch.nn.Module):
@@ -100,7 +101,7 @@ def test_resnet_and_vit_maps_have_the_input_shape_and_range():
 
 
 def test_tensor_to_image_undoes_the_normalisation():
-    transform = build(OmegaConf.create({"_target_": "metriclab.transforms.retrieval_val", "height": 16,
+    transform = build(OmegaConf.create({"_target_": "metriclab.data.transforms.retrieval_val", "height": 16,
                                         "width": 16, "crop_fraction": 1.0}), "t")
     rgb = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
     tensor = transform(image=rgb)["image"]

@@ -11,7 +11,7 @@ from oml.models import ResnetExtractor, ViTExtractor
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from metriclab.freezing import (
+from metriclab.models.freezing import (
     FreezeBackbone,
     freeze_batchnorm,
     is_bn_frozen,
@@ -19,7 +19,7 @@ from metriclab.freezing import (
     resolve_submodule_names,
     set_trainable,
 )
-from metriclab.losses import SoftmaxLoss
+from metriclab.models.losses import SoftmaxLoss
 
 torch.set_num_threads(1)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from metriclab.train import train
-from tests.conftest import compose_cfg, fast_overrides
+from metriclab.jobs.train import train
+from tests.helpers import compose_cfg, fast_overrides
 
 TRAIN = ["sampler.n_labels=4", "sampler.n_instances=3", "trainer.max_epochs=2"]
 

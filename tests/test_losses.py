@@ -12,8 +12,9 @@ from oml.miners import HardTripletsMiner
 from omegaconf import OmegaConf
 from pytorch_metric_learning import losses as pml_losses
 
-from metriclab.config import ConfigError, build
-from metriclab.losses import (
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
+from metriclab.models.losses import (
     ArcFaceLoss,
     ClassificationTripletLoss,
     CosFaceLoss,
@@ -22,8 +23,8 @@ from metriclab.losses import (
     SubCenterArcFaceLoss,
     criterion_needs_balanced_batches,
 )
-from metriclab.paths import CONFIGS_DIR
-from metriclab.samplers import BalanceSampler
+from metriclab.core.paths import CONFIGS_DIR
+from metriclab.data.samplers import BalanceSampler
 
 CRITERIA = ["triplet_all", "triplet_hard", "triplet_semihard", "arcface", "cosface", "sphereface",
             "subcenter_arcface", "bot"]
@@ -259,7 +260,7 @@ def test_bot_is_the_weighted_sum_of_its_parts():
 
 def test_bot_with_arcface_gets_in_features_and_categories():
     criterion = _build_criterion(
-        "bot", ["classification._target_=metriclab.losses.ArcFaceLoss", "~classification.bnneck"],
+        "bot", ["classification._target_=metriclab.models.losses.ArcFaceLoss", "~classification.bnneck"],
         **_runtime(num_classes=6, embedding_size=8, label2category={i: i % 2 for i in range(6)}))
     assert isinstance(criterion.classification, ArcFaceLoss)
     assert tuple(criterion.classification.weight.shape) == (6, 8)

@@ -8,9 +8,9 @@ from oml.losses import TripletLossWithMiner
 from oml.miners import HardTripletsMiner
 from omegaconf import OmegaConf
 
-from metriclab.config import build
-from metriclab.miners import SemiHardTripletsMiner
-from metriclab.paths import CONFIGS_DIR
+from metriclab.core.config import build
+from metriclab.models.miners import SemiHardTripletsMiner
+from metriclab.core.paths import CONFIGS_DIR
 
 
 def _points(xs):

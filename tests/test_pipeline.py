@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from metriclab.config import ConfigError
-from metriclab.train import train
-from metriclab.validate import validate
-from tests.conftest import compose_cfg, fast_overrides
+from metriclab.core.errors import ConfigError
+from metriclab.jobs.train import train
+from metriclab.jobs.validate import validate
+from tests.helpers import compose_cfg, fast_overrides
 
 TRAIN_OVERRIDES = ["criterion=triplet_hard", "sampler=balance", "sampler.n_labels=4", "sampler.n_instances=3",
                    "trainer.max_epochs=2", "optimizer.lr=1e-3"]
@@ -97,7 +97,7 @@ def test_failures_name_the_problem_and_leave_no_running_run(tmp_path, tiny_datas
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.conftest import write_tiny_dataset
+    from tests.helpers import write_tiny_dataset
 
     tmp = tmp_path_factory.mktemp("trained")
     root = tmp / "data"
@@ -143,7 +143,7 @@ def test_bad_validation_inputs_are_clear_errors(trained, tmp_path):
 def test_make_worst_fetches_the_grids_of_a_run(trained, tmp_path, capsys):
     import importlib.util
 
-    from metriclab.paths import REPO_ROOT
+    from metriclab.core.paths import REPO_ROOT
 
     tmp, _, result = trained
     spec = importlib.util.spec_from_file_location("worst", REPO_ROOT / "scripts" / "worst.py")
@@ -185,8 +185,8 @@ def test_speed_options_train_on_cpu(tmp_path, tiny_dataset, option):
 
 
 def test_bad_csv_values_name_the_csv_line(tmp_path):
-    from metriclab.data import read_dataset_csv
-    from tests.conftest import write_tiny_dataset
+    from metriclab.data.datasets import read_dataset_csv
+    from tests.helpers import write_tiny_dataset
 
     root = tmp_path / "data"
     df = write_tiny_dataset(root)
@@ -210,8 +210,8 @@ def test_bad_csv_values_name_the_csv_line(tmp_path):
 def test_bad_label_or_split_names_the_first_csv_line(tmp_path, column, value, message):
     import re
 
-    from metriclab.data import read_dataset_csv
-    from tests.conftest import write_tiny_dataset
+    from metriclab.data.datasets import read_dataset_csv
+    from tests.helpers import write_tiny_dataset
 
     root = tmp_path / "data"
     df = write_tiny_dataset(root).astype({column: object})

@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-import metriclab.predict as predict_module
-from metriclab.config import ConfigError, build
-from metriclab.extractors import build_extractor, load_checkpoint, load_extractor_weights
-from metriclab.paths import REPO_ROOT
-from metriclab.predict import collect_images, majority_vote, predict
-from metriclab.train import train
-from tests.conftest import compose_cfg, fast_overrides, write_tiny_dataset
+import metriclab.jobs.predict as predict_module
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
+from metriclab.models.extractors import build_extractor, load_checkpoint, load_extractor_weights
+from metriclab.core.paths import REPO_ROOT
+from metriclab.jobs.predict import collect_images, majority_vote, predict
+from metriclab.jobs.train import train
+from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
 
 K = 5
 

@@ -11,11 +11,11 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from metriclab.config import ConfigError
-from metriclab.paths import REPO_ROOT
-from metriclab.report import collect_runs, format_duration, loss_name, write_report
-from metriclab.train import train
-from tests.conftest import compose_cfg, fast_overrides, write_tiny_dataset
+from metriclab.core.errors import ConfigError
+from metriclab.core.paths import REPO_ROOT
+from metriclab.tracking.report import collect_runs, format_duration, loss_name, write_report
+from metriclab.jobs.train import train
+from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
 
 T0 = 1_700_000_000_000  # ms
 
@@ -44,7 +44,7 @@ def store(tmp_path):
                             {"config_name": "sweep", "dataset": "fruits", "task": "train"},
                             {"mAP": [0.30, 0.50, 0.40], "cmc_at_1": [0.6, 0.7, 0.9]}, loss=[1.0, 0.8, 0.7],
                             seconds=125),
-        "arcface": make_run(client, exp, "sweep-1", {"criterion._target_": "metriclab.losses.ArcFaceLoss",
+        "arcface": make_run(client, exp, "sweep-1", {"criterion._target_": "metriclab.models.losses.ArcFaceLoss",
                                                      "extractor.arch": "resnet50"},
                             {"config_name": "sweep", "dataset": "fruits", "task": "train"},
                             {"mAP": [0.55, 0.70], "cmc_at_1": [0.8, 0.85]}, loss=[9.0, 5.0], seconds=3725),
@@ -59,10 +59,10 @@ def test_helpers_hand_computed():
     assert format_duration(125) == "2m 05s" and format_duration(3725) == "1h 02m 05s" and format_duration(7) == "7s"
     assert format_duration(None) == "-"
     assert loss_name({"criterion._target_": "oml.losses.TripletLossWithMiner",
-                      "criterion.miner._target_": "metriclab.miners.SemiHardTripletsMiner"}) == \
+                      "criterion.miner._target_": "metriclab.models.miners.SemiHardTripletsMiner"}) == \
         "TripletLossWithMiner(SemiHardTripletsMiner)"
-    assert loss_name({"criterion._target_": "metriclab.losses.ClassificationTripletLoss",
-                      "criterion.classification._target_": "metriclab.losses.SoftmaxLoss",
+    assert loss_name({"criterion._target_": "metriclab.models.losses.ClassificationTripletLoss",
+                      "criterion.classification._target_": "metriclab.models.losses.SoftmaxLoss",
                       "criterion.triplet.miner._target_": "oml.miners.HardTripletsMiner"}) == \
         "ClassificationTripletLoss(SoftmaxLoss+HardTripletsMiner)"
     assert loss_name({}) == "-"

@@ -13,7 +13,7 @@ from oml.interfaces.datasets import IQueryGalleryLabeledDataset
 from oml.metrics.embeddings import calc_retrieval_metrics_rr
 from oml.retrieval.retrieval_results import RetrievalResults
 
-from metriclab.retrieval_metrics import PER_QUERY_COLUMNS, evaluate_retrieval
+from metriclab.evaluation.engine import PER_QUERY_COLUMNS, evaluate_retrieval
 
 torch.set_num_threads(1)
 
@@ -427,7 +427,7 @@ def test_block_size_does_not_change_results(tied):
 
 
 def test_blocks_bound_memory_and_pair_budget_does_not_change_results(monkeypatch):
-    import metriclab.retrieval_metrics as rm
+    import metriclab.evaluation.engine as rm
 
     blocks = rm._plan_blocks(3368, 19732, None, np.full(3368, 20))
     assert max(hi - lo for lo, hi in blocks) * 19732 * 4 <= rm.BLOCK_BYTES  # one block's float32 distances

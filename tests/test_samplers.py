@@ -9,9 +9,10 @@ from oml.samplers import BalanceSampler as OMLBalanceSampler
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from metriclab.config import ConfigError, build
-from metriclab.paths import CONFIGS_DIR
-from metriclab.samplers import BalanceSampler, CategoryBalanceSampler
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
+from metriclab.core.paths import CONFIGS_DIR
+from metriclab.data.samplers import BalanceSampler, CategoryBalanceSampler
 
 # label: number of images -> 0:5, 1:4, 2:3, 3:1, 4:6, 5:4 (23 images); with n_instances=4 labels 2 and 3 sit out.
 COUNTS = {0: 5, 1: 4, 2: 3, 3: 1, 4: 6, 5: 4}
@@ -35,7 +36,7 @@ def test_oml_sampler_repeats_images_and_refuses_single_image_labels():
 
 
 def test_balance_sampler_drops_small_labels_and_counts_them(caplog):
-    with caplog.at_level(logging.INFO, logger="metriclab.samplers"):
+    with caplog.at_level(logging.INFO, logger="metriclab.data.samplers"):
         sampler = BalanceSampler(LABELS, n_labels=2, n_instances=4)
     assert sampler.n_labels_dropped == 2 and sampler.dropped_labels == [2, 3]
     assert sampler.n_images_dropped == 4 and sampler.n_labels_total == 6
@@ -55,7 +56,7 @@ def test_balance_sampler_drops_small_labels_and_counts_them(caplog):
 
 def test_balance_sampler_without_small_labels_logs_info(caplog):
     labels = [i // 4 for i in range(16)]
-    with caplog.at_level(logging.INFO, logger="metriclab.samplers"):
+    with caplog.at_level(logging.INFO, logger="metriclab.data.samplers"):
         sampler = BalanceSampler(np.array(labels), n_labels=2, n_instances=4)
     assert sampler.n_labels_dropped == 0 and caplog.records[-1].levelno == logging.INFO
     assert sorted(i for batch in _epoch(sampler) for i in batch) == list(range(16))
@@ -96,7 +97,7 @@ def test_category_balance_needs_a_category_column():
 def test_category_balance_drops_small_labels_and_categories(caplog):
     label2category = {**LABEL2CATEGORY, 6: "c"}
     labels = LABELS + [6, 6, 6, 6]  # category "c" now has one usable label (6): fewer than n_labels=2
-    with caplog.at_level(logging.INFO, logger="metriclab.samplers"):
+    with caplog.at_level(logging.INFO, logger="metriclab.data.samplers"):
         sampler = CategoryBalanceSampler(labels, label2category, n_categories=2, n_labels=2, n_instances=4)
     assert sampler.n_labels_dropped == 2 and sampler.dropped_labels == [2, 3]
     assert sampler.n_categories_dropped == 1 and sampler.n_labels_in_dropped_categories == 1

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from metriclab.config import ConfigError
-from metriclab.search_index import IndexSpec, build_index, key_of, load_or_build_gallery, search
+from metriclab.core.errors import ConfigError
+from metriclab.inference.search_index import IndexSpec, build_index, key_of, load_or_build_gallery, search
 
 faiss.omp_set_num_threads(1)  # 2 shared cores; a single-threaded HNSW build is also reproducible
 

@@ -6,10 +6,10 @@ import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 
-from metriclab.config import ConfigError
-from metriclab.extractors import build_extractor
-from metriclab.train import train
-from tests.conftest import compose_cfg, fast_overrides
+from metriclab.core.errors import ConfigError
+from metriclab.models.extractors import build_extractor
+from metriclab.jobs.train import train
+from tests.helpers import compose_cfg, fast_overrides
 
 BASE = ["sampler.n_labels=4", "sampler.n_instances=3", "optimizer.lr=1e-2"]
 

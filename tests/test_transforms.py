@@ -10,9 +10,9 @@ from oml.datasets.images import ImageBaseDataset
 from omegaconf import OmegaConf
 from PIL import Image
 
-from metriclab.config import build
-from metriclab.paths import CONFIGS_DIR
-from metriclab.transforms import reid_train, reid_val, retrieval_train, retrieval_val, torchvision_train
+from metriclab.core.config import build
+from metriclab.core.paths import CONFIGS_DIR
+from metriclab.data.transforms import reid_train, reid_val, retrieval_train, retrieval_val, torchvision_train
 
 SIZES = {"reid": (256, 128), "retrieval": (224, 224), "torchvision": (224, 224)}
 

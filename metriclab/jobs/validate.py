@@ -18,13 +18,15 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from metriclab.atomic import atomic_write
-from metriclab.config import ConfigError, build, job_identity
-from metriclab.data import ValidationData, build_validation_data, read_dataset_csv
-from metriclab.evaluation import evaluate_validation, format_metrics_table, publish_validation
-from metriclab.extractors import build_extractor_for_inference
-from metriclab.module import MetricLearningModule
-from metriclab.tracking import tracked_run
+from metriclab.core.atomic import atomic_write
+from metriclab.core.config import build, job_identity
+from metriclab.core.errors import ConfigError
+from metriclab.data.datasets import ValidationData, build_validation_data, read_dataset_csv
+from metriclab.evaluation.pictures import evaluate_validation, format_metrics_table
+from metriclab.training.publish import publish_validation
+from metriclab.models.extractors import build_extractor_for_inference
+from metriclab.training.module import MetricLearningModule
+from metriclab.tracking.run import tracked_run
 
 
 def load_embeddings_npz(path: str | Path, data: ValidationData) -> torch.Tensor:

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 from oml.functional.metrics import calc_pcf
-from oml.utils.misc_torch import PCA
+from metriclab.core.compat import oml_principal_axes
 
 DISTANCES = ("euclidean", "cosine")
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
@@ -336,13 +336,13 @@ def _pcf(sources: list[torch.Tensor], pcf_variance: tuple[float, ...]) -> list[f
         gram += (centred.T @ centred).double()
     try:
         # numpy's LAPACK: torch's threaded eigvalsh took 1-6 s (not 20 ms) on the shared 2-core machine
-        variance = torch.from_numpy(np.linalg.eigvalsh(gram.numpy())).clamp(min=0).flip(0)  # descending
-        pca = PCA.__new__(PCA)
-        pca.explained_variance_ratio = (variance / variance.sum()).float()  # float32, as calc_pcf on float32 input
-        n_components = pca.calc_principal_axes_number(pcf_variance)
-        return [float(v) for v in n_components / dim]
-    except Exception:  # noqa: BLE001 - calc_pcf's behaviour: a degenerate matrix gives NaN, not a crash
+        eigenvalues = np.linalg.eigvalsh(gram.numpy())
+    except np.linalg.LinAlgError:  # calc_pcf's behaviour: a degenerate matrix gives NaN, not a crash
         return [float("nan")] * len(pcf_variance)
+    variance = torch.from_numpy(eigenvalues).clamp(min=0).flip(0)  # descending
+    # float32 ratios, as calc_pcf on float32 input
+    n_components = oml_principal_axes((variance / variance.sum()).float(), pcf_variance)
+    return [float(v) for v in n_components / dim]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,15 +14,16 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from metriclab.atomic import atomic_write
-from metriclab.config import ConfigError, build, job_identity
-from metriclab.data import build_train_data, build_validation_data, read_dataset_csv
-from metriclab.evaluation import format_metrics_table
-from metriclab.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
-from metriclab.freezing import FreezeBackbone, freeze_batchnorm, set_trainable
-from metriclab.losses import criterion_needs_balanced_batches
-from metriclab.module import MetricLearningModule
-from metriclab.tracking import tracked_run
+from metriclab.core.atomic import atomic_write
+from metriclab.core.config import build, job_identity
+from metriclab.core.errors import ConfigError
+from metriclab.data.datasets import build_train_data, build_validation_data, read_dataset_csv
+from metriclab.evaluation.pictures import format_metrics_table
+from metriclab.models.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
+from metriclab.models.freezing import FreezeBackbone, freeze_batchnorm, set_trainable
+from metriclab.models.losses import criterion_needs_balanced_batches
+from metriclab.training.module import MetricLearningModule
+from metriclab.tracking.run import tracked_run
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from oml.const import (
 )
 from oml.datasets import ImageLabeledDataset
 
-from metriclab.config import ConfigError
+from metriclab.core.errors import ConfigError
 
 CLASS_NAME_COLUMN = "class_name"  # optional, written by the fruits and cars converters
 REQUIRED_COLUMNS = (LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN)

@@ -22,12 +22,13 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metriclab.atomic import atomic_savefig, write_csv_atomic
-from metriclab.config import ConfigError, build, job_identity
-from metriclab.data import build_validation_data, class_names, read_dataset_csv
-from metriclab.evaluation import evaluate_validation, plt, select_worst_queries, style_tile
-from metriclab.predict import embed_dataset, list_failures, load_extractor
-from metriclab.tracking import tracked_run
+from metriclab.core.atomic import atomic_savefig, write_csv_atomic
+from metriclab.core.config import build, job_identity
+from metriclab.core.errors import ConfigError
+from metriclab.data.datasets import build_validation_data, class_names, read_dataset_csv
+from metriclab.evaluation.pictures import evaluate_validation, plt, select_worst_queries, style_tile
+from metriclab.jobs.predict import embed_dataset, list_failures, load_extractor
+from metriclab.tracking.run import tracked_run
 
 #: Config groups taken from the explained run (unless given on the command line): they define its worst queries.
 RUN_GROUPS = ("dataset", "transforms", "evaluation", "extractor")

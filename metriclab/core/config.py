@@ -1,6 +1,8 @@
-"""Config helpers: the `repo_root` resolver, strict `_target_` instantiation with runtime kwargs, flattening.
+"""Config helpers: the `repo_root` resolver, `build` (the one way every config group becomes an object), flattening.
 
-Hydra `_target_` instantiation is the only construction mechanism. Runtime-only values (labels for a sampler,
+`build` turns a group with a `_target_` into that object by Hydra instantiation (the target's signature is the
+schema: an unknown key fails), and a plain-value group into its dataclass from `metriclab.core.schemas` (an
+unknown or misspelt key, a wrong type or a missing value fails, naming the key). Runtime-only values (labels for a sampler,
 the number of classes and the embedding size for a loss, parameters for an optimizer) are passed at build time,
 and only to targets whose signature declares them, so YAML never hard-codes them and an unknown key still fails.
 """
@@ -14,15 +16,14 @@ from typing import Any, Container, Dict, Iterator, List, Tuple
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
-from metriclab.paths import REPO_ROOT
+from metriclab.core.errors import ConfigError
+from metriclab.core.paths import REPO_ROOT
+from metriclab.core.schemas import SCHEMAS
 
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
-
-
-class ConfigError(ValueError):
-    """A config value is wrong. The message names the key and says what to do."""
 
 
 def _signature_params(target: Any) -> Dict[str, inspect.Parameter]:
@@ -40,9 +41,32 @@ def runtime_kwargs(target: Any, runtime: Dict[str, Any], already_set: Container[
     return {k: v for k, v in runtime.items() if k in params and k not in already_set}
 
 
+def build_plain(node: Any, key: str, schema: type) -> Any:
+    """`node` checked against the dataclass `schema` and returned as an instance of it."""
+    if node is None:
+        node = {}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except ConfigKeyError as e:
+        allowed = ", ".join(OmegaConf.structured(schema).keys())
+        raise ConfigError(f"`{key}.{e.key}` is not a key of `{key}`: check its spelling (allowed: {allowed})") from e
+    except ValidationError as e:
+        raise ConfigError(f"`{key}.{e.key}`: {str(e.msg).splitlines()[0]}") from e
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"`{key}.{missing[0]}` is not set: pass {key}.{missing[0]}=<value>")
+    return OmegaConf.to_object(merged)
+
+
 def build(node: DictConfig, key: str, **runtime: Any) -> Any:
-    """Instantiate `node` (its config key is `key`, used in errors) passing only the runtime kwargs its target
-    declares and the YAML does not already set."""
+    """Build the config group `node` (its config key is `key`, used in errors). A plain-value group (its last key
+    names a schema in `metriclab.core.schemas`) becomes its dataclass; a `_target_` group is instantiated, getting
+    only the runtime kwargs its target declares and the YAML does not already set."""
+    group = key.rsplit(".", 1)[-1]
+    if group in SCHEMAS and (node is None or "_target_" not in node):
+        if runtime:
+            raise TypeError(f"build({key!r}): a plain-value group takes no runtime values, got {sorted(runtime)}")
+        return build_plain(node, key, SCHEMAS[group])
     if node is None or "_target_" not in node:
         raise ConfigError(f"`{key}` needs a `_target_` (the class or function to build); got {node!r}")
     try:
@@ -96,9 +120,3 @@ def job_identity(cfg: DictConfig) -> Tuple[Path, str, List[str]]:
     except ValueError:  # not started by @hydra.main (tests, notebooks): the config carries what we need
         pass
     return run_dir, f"{config_name or cfg.task}-{cfg.timestamp}{suffix}", overrides
-
-
-def mlflow_metric_key(key: str) -> str:
-    """MLflow forbids '@' in metric names: `val/cmc@1` is logged as `val/cmc_at_1`. Here, not in tracking, because
-    the torch-free report reads the names that tracking writes."""
-    return key.replace("@", "_at_")

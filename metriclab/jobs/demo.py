@@ -6,9 +6,9 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, open_dict
 
-from metriclab.atomic import write_json_atomic
-from metriclab.train import train
-from metriclab.validate import validate
+from metriclab.core.atomic import write_json_atomic
+from metriclab.jobs.train import train
+from metriclab.jobs.validate import validate
 
 #: What shows learning on digits: cmc@1 is high even at random init (digits-baseline.md), so report
 #: full-gallery mAP and precision at a large k next to it.

@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metriclab.config import ConfigError, build
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
 
 #: Keys of the `extractor` group that configure training, not the extractor's constructor.
 TRAINING_KEYS = ("freeze_bn", "trainable")

@@ -12,11 +12,12 @@ from typing import Dict, List
 
 import torch
 from oml.interfaces.miners import ITripletsMinerInBatch, TTripletsIds
-from oml.miners import HardTripletsMiner
 from oml.utils.misc_torch import pairwise_dist
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import TripletMarginMiner
 from torch import Tensor
+
+from metriclab.core.compat import oml_hard_triplets
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class SemiHardTripletsMiner(ITripletsMinerInBatch):
             self.n_fallbacks += 1
             log.debug("no semi-hard triplet in a batch of %d, falling back to batch-hard triplets", len(labels))
             distmat = pairwise_dist(x1=features, x2=features, p=2)
-            ids_a, ids_p, ids_n = HardTripletsMiner._sample_from_distmat(distmat=distmat, labels=labels)
+            ids_a, ids_p, ids_n = oml_hard_triplets(distmat, labels)
         else:
             ids_a, ids_p, ids_n = ids_a.tolist(), ids_p.tolist(), ids_n.tolist()
         self._last_logs = {

@@ -20,9 +20,12 @@ from typing import Any, Dict, Iterator, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, MLFlowLogger
 
-from metriclab.atomic import write_text_atomic
-from metriclab.config import ConfigError, build, flatten, mlflow_metric_key
-from metriclab.paths import REPO_ROOT
+from metriclab.core.atomic import write_text_atomic
+from metriclab.core.config import build, flatten
+from metriclab.core.errors import ConfigError
+from metriclab.tracking.keys import mlflow_metric_key
+from metriclab.core.compat import mlflow_reset_tracking_uri, neptune_stop_run
+from metriclab.core.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -244,18 +247,6 @@ def tracked_run(
                 if not isinstance(lg, MLFlowLogger):
                     with contextlib.suppress(Exception):
                         lg.finalize("success" if status == "FINISHED" else "failed")
-                    run = getattr(lg, "_run_instance", None)  # Neptune: stop the run with the job, not at exit
-                    if run is not None:
-                        with contextlib.suppress(Exception):
-                            run.stop()
-            _restore_tracking_uri(env_uri)
-
-
-def _restore_tracking_uri(env_uri: Optional[str]) -> None:
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-
-    tracking_utils._tracking_uri = None  # the process-wide default set by mlflow.set_tracking_uri
-    if env_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = env_uri
+                    with contextlib.suppress(Exception):  # Neptune: stop the run with the job, not at exit
+                        neptune_stop_run(lg)
+            mlflow_reset_tracking_uri(env_uri)

@@ -6,7 +6,7 @@
 `images` is a file, a folder (searched recursively for image files), a glob pattern, or a list of these.
 The gallery is the dataset's gallery rows (`gallery_rows=gallery`: validation rows with is_gallery; `train`: the
 train rows; `all`: both, each path once), or a folder of class sub-folders (`gallery=<folder>`, ImageFolder layout).
-Gallery embeddings and the faiss index are cached on disk (metriclab.search_index). Output in the run dir:
+Gallery embeddings and the faiss index are cached on disk (metriclab.inference.search_index). Output in the run dir:
 `predictions_<YYYYmmdd-HHMMSS>.json` and one picture per query under `predictions_<YYYYmmdd-HHMMSS>/`.
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ from oml.datasets import ImageBaseDataset
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from metriclab.config import ConfigError, build, job_identity
-from metriclab.data import class_names, read_dataset_csv
-from metriclab.extractors import build_extractor_for_inference, extractor_constructor_cfg
-from metriclab.search_index import GalleryIndex, IndexSpec, file_sha256, files_fingerprint, load_or_build_gallery
-from metriclab.atomic import atomic_savefig, write_json_atomic
+from metriclab.core.config import build, job_identity
+from metriclab.core.errors import ConfigError
+from metriclab.data.datasets import class_names, read_dataset_csv
+from metriclab.models.extractors import build_extractor_for_inference, extractor_constructor_cfg
+from metriclab.inference.search_index import GalleryIndex, IndexSpec, file_sha256, files_fingerprint, load_or_build_gallery
+from metriclab.core.atomic import atomic_savefig, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def collect_images(images: Any, key: str = "images") -> List[Path]:
 def majority_vote(labels: Sequence[Any], distances: Sequence[float]) -> Tuple[Any, int]:
     """The most frequent label; a tie goes to the tied label with the nearest neighbour (then the earlier one).
 
-    Same rule as knn_accuracy in metriclab.retrieval_metrics; written out because that one returns correctness only.
+    Same rule as knn_accuracy in metriclab.evaluation.engine; written out because that one returns correctness only.
     """
     if len(labels) == 0:
         raise ValueError("majority_vote needs at least one neighbour")
@@ -287,7 +288,7 @@ def _warn_if_transforms_differ(cfg: DictConfig, meta: Dict[str, Any]) -> None:
 
 
 def _draw_prediction(record: Dict[str, Any], out_png: Path) -> None:
-    from metriclab.evaluation import plt, read_tile, style_tile  # one style for every image grid
+    from metriclab.evaluation.pictures import plt, read_tile, style_tile  # one style for every image grid
 
     neighbours = record["neighbours"]
     n_cols = 1 + len(neighbours)

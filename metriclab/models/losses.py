@@ -26,7 +26,7 @@ from oml.losses import ArcFaceLoss as OMLArcFaceLoss
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
-from metriclab.config import runtime_kwargs
+from metriclab.core.config import runtime_kwargs
 
 TLabels = Union[Tensor, Sequence[int]]
 

@@ -1,7 +1,7 @@
 """Nearest-neighbour search over gallery embeddings with faiss, and an on-disk cache of embeddings + index.
 
 Index kinds: ``flat`` (exact) and ``hnsw`` (approximate, graph based). Distances are returned in the units the
-evaluation engine uses (``metriclab.retrieval_metrics``): euclidean = the L2 distance (faiss returns its square),
+evaluation engine uses (``metriclab.evaluation.engine``): euclidean = the L2 distance (faiss returns its square),
 cosine = 1 - cosine similarity (inner product of L2-normalised vectors).
 
 Cache layout (one folder per gallery key; files written to a temporary name, then renamed)::
@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from metriclab.config import ConfigError
-from metriclab.atomic import atomic_write, write_csv_atomic, write_json_atomic
+from metriclab.core.errors import ConfigError
+from metriclab.core.atomic import atomic_write, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 

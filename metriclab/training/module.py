@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-from metriclab.data import ValidationData
-from metriclab.evaluation import evaluate_validation, publish_validation
-from metriclab.tracking import TrackedRun
+from metriclab.data.datasets import ValidationData
+from metriclab.evaluation.pictures import evaluate_validation
+from metriclab.training.publish import publish_validation
+from metriclab.tracking.run import TrackedRun
 
 
 class MetricLearningModule(pl.LightningModule):
@@ -99,7 +100,7 @@ class MetricLearningModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        from metriclab.freezing import keep_frozen_bn_in_eval
+        from metriclab.models.freezing import keep_frozen_bn_in_eval
 
         keep_frozen_bn_in_eval(self.extractor)  # Lightning puts every layer back in train mode each epoch
         self._train_sums.clear()
@@ -128,7 +129,7 @@ class MetricLearningModule(pl.LightningModule):
         self._flush_train_metrics()
 
     def configure_optimizers(self):
-        from metriclab.freezing import params_under, resolve_submodule_names
+        from metriclab.models.freezing import params_under, resolve_submodule_names
 
         head_names = resolve_submodule_names(self.extractor, self.head) if self.head else []
         head_ids = params_under(self.extractor, head_names)

@@ -22,7 +22,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from metriclab.core.compat import ddp_finds_unused_parameters
+
+#: every BatchNorm layer torch has (their common base class is private)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+                   nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,11 @@ def _keep_bn_eval_hook(module: nn.Module, args: tuple) -> None:
         module.train(False)
 
 
-def _batchnorm_layers(module: nn.Module) -> List[_BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+def _batchnorm_layers(module: nn.Module) -> List[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, BATCHNORM_TYPES)]
 
 
-def _freeze_bn_layer(bn: _BatchNorm, reason: str) -> None:
+def _freeze_bn_layer(bn: nn.Module, reason: str) -> None:
     reasons: Optional[Set[str]] = getattr(bn, _REASONS_ATTR, None)
     if reasons is None:
         reasons = set()
@@ -53,7 +58,7 @@ def _freeze_bn_layer(bn: _BatchNorm, reason: str) -> None:
         param.requires_grad_(False)
 
 
-def _unfreeze_bn_layer(bn: _BatchNorm, reason: str, training: bool) -> None:
+def _unfreeze_bn_layer(bn: nn.Module, reason: str, training: bool) -> None:
     """Drop one reason; if none is left, the layer trains again (affine params trainable, mode = `training`)."""
     reasons: Optional[Set[str]] = getattr(bn, _REASONS_ATTR, None)
     if reasons is None:
@@ -216,7 +221,7 @@ class FreezeBackbone(pl.Callback):
         resolve_submodule_names(self._extractor(pl_module), self.head)  # fail on a bad name before training starts
         strategy = getattr(trainer, "strategy", None)
         if (self.n_epochs > 0 and isinstance(strategy, DDPStrategy)
-                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
+                and not ddp_finds_unused_parameters(strategy)):
             # DDP registers every parameter at wrap time and waits for its gradient: frozen ones never come.
             raise ValueError(
                 "freeze_n_epochs > 0 under DDP needs find_unused_parameters=True "

@@ -1,6 +1,6 @@
 """Validation: embeddings of the validation rows -> metrics, worst-query grids and their CSV.
 
-The metric engine is `metriclab.retrieval_metrics`; this module splits the rows into query and gallery, runs it,
+The metric engine is `metriclab.evaluation.engine`; this module splits the rows into query and gallery, runs it,
 and draws what a person looks at.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from metriclab.atomic import atomic_savefig, write_csv_atomic  # noqa: E402
-from metriclab.data import ValidationData, class_names  # noqa: E402
-from metriclab.retrieval_metrics import RetrievalReport, evaluate_retrieval  # noqa: E402
+from metriclab.core.atomic import atomic_savefig, write_csv_atomic  # noqa: E402
+from metriclab.data.datasets import ValidationData, class_names  # noqa: E402
+from metriclab.evaluation.engine import RetrievalReport, evaluate_retrieval  # noqa: E402
 
 def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig) -> RetrievalReport:
     """Metrics for validation embeddings in dataset row order (`cfg` = the `evaluation` node)."""
@@ -227,30 +227,3 @@ def save_tsne(embeddings: torch.Tensor, labels: np.ndarray, out_png: Path, max_p
     atomic_savefig(fig, out_png, dpi=100)
     plt.close(fig)
     return out_png
-
-
-def publish_validation(
-    report: RetrievalReport, embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig, tracked: Any,
-    run_dir: Optional[Path], epoch: int, tag: Optional[str] = None,
-) -> None:
-    """Log metrics (step = epoch), write metrics.json, the worst-query grid + CSV and (if asked) the t-SNE plot.
-    `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`, files under `<tag>/`."""
-    from metriclab.atomic import write_json_atomic
-
-    metrics = {k: float(v) for k, v in report.metrics.items()}
-    prefix, folder = (tag, tag) if tag else ("val", f"epoch_{epoch:03d}")
-    if tracked is not None:
-        tracked.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=epoch)
-    if run_dir is None:
-        return
-    write_json_atomic(run_dir / ("metrics.json" if not tag else f"metrics_{tag}.json"), metrics)
-    files = save_worst_queries(report, data, embeddings, run_dir / "worst_queries" / folder, cfg,
-                               title=folder.replace("_", " "))
-    if tracked is not None:
-        for f in files:
-            tracked.log_artifact(f, f"worst_queries/{folder}")
-    if cfg.get("tsne"):
-        png = save_tsne(embeddings, data.labels, run_dir / "plots" / folder / "tsne.png", int(cfg.tsne_max_points),
-                        title=folder.replace("_", " "))
-        if tracked is not None:
-            tracked.log_artifact(png, f"plots/{folder}")

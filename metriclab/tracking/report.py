@@ -25,10 +25,11 @@ matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-# metriclab.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
-from metriclab.atomic import atomic_savefig, write_csv_atomic, write_text_atomic  # noqa: E402
-from metriclab.config import ConfigError, mlflow_metric_key  # noqa: E402
-from metriclab.paths import OUTPUTS_DIR  # noqa: E402
+# metriclab.core.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
+from metriclab.core.atomic import atomic_savefig, write_csv_atomic, write_text_atomic  # noqa: E402
+from metriclab.core.errors import ConfigError
+from metriclab.tracking.keys import mlflow_metric_key  # noqa: E402
+from metriclab.core.paths import OUTPUTS_DIR  # noqa: E402
 
 DEFAULT_METRICS = ("mAP", "cmc@1", "cmc@5", "precision@5", "map@5", "knn_accuracy@1")
 DEFAULT_URI = f"sqlite:///{OUTPUTS_DIR / 'mlflow.db'}"

@@ -1,0 +1,71 @@
+"""Schemas of the config groups that are read as plain values (no `_target_`).
+
+Each is a dataclass: `core.config.build(node, key)` merges the node into it, so an unknown or misspelt key, or a
+value of the wrong type, is an error naming the key; the result is a typed object, not a DictConfig read by key.
+Groups with a `_target_` have their target's signature as schema (also checked by `build`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from omegaconf import MISSING
+
+
+@dataclass
+class EvaluationConfig:
+    """`evaluation`: what validation computes and draws (configs/evaluation/default.yaml comments each key)."""
+
+    cmc_top_k: List[int] = field(default_factory=lambda: [1, 5, 10])
+    map_top_k: List[int] = field(default_factory=lambda: [5])
+    precision_top_k: List[int] = field(default_factory=lambda: [5])
+    knn_top_k: List[int] = field(default_factory=lambda: [1])
+    pcf_variance: List[float] = field(default_factory=lambda: [0.5])
+    distance: str = "euclidean"
+    backend: str = "exact"
+    worst_queries: int = 5
+    grid_top_k: int = 5
+    grid_missed: int = 2
+    tsne: bool = False
+    tsne_max_points: int = 2000
+
+
+@dataclass
+class DatasetConfig:
+    """`dataset`: a dataset in OML's CSV format."""
+
+    root: str = MISSING
+    csv: str = "dataset.csv"
+    cache_size: int = 0
+
+
+@dataclass
+class IndexConfig:
+    """`index` (predict): the faiss index over the gallery; the HNSW keys mean nothing to `flat`."""
+
+    kind: str = "flat"
+    m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+
+
+@dataclass
+class PathsConfig:
+    """`paths`: every location a job writes to, absolute."""
+
+    repo_root: str = MISSING
+    outputs_dir: str = MISSING
+    run_dir: str = MISSING
+    mlflow_uri: str = MISSING
+    mlartifacts: str = MISSING
+
+
+#: group key -> its schema; `build` looks plain-value groups up here
+SCHEMAS = {
+    "evaluation": EvaluationConfig,
+    "dataset": DatasetConfig,
+    "index": IndexConfig,
+    "paths": PathsConfig,
+}
+
+__all__ = ["EvaluationConfig", "DatasetConfig", "IndexConfig", "PathsConfig", "SCHEMAS"]
