@@ -7,7 +7,12 @@ DATA  ?=
 # Digits demo knobs (defaults give the numbers in the README).
 DIGITS_ROOT ?= $(CURDIR)/outputs/data/digits
 
-.PHONY: install test test-all demo ui worst report convert-market convert-cars convert-fruits clean
+.PHONY: help install lint test test-fast test-all demo ui worst report convert-market convert-cars convert-fruits clean
+# A bare `make` prints the targets instead of building .venv (the stamp file would otherwise be the first target).
+.DEFAULT_GOAL := help
+
+help:                  ## list the targets with what they do
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,13 +20,18 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP)      ## create .venv from the exact pins (only when a pin file changed), metriclab editable
 
-test: install          ## fast suite (< 15 min on 2 cores)
+lint: install          ## ruff (lint + import order) on the repo, mypy on metriclab/; both run, either fails it
+	@rc=0; $(VENV)/bin/ruff check . || rc=1; $(VENV)/bin/mypy metriclab || rc=1; exit $$rc
+
+test: install          ## the whole suite, slow tests included (what CI runs; < 20 min on 2 cores)
+	$(PY) -m pytest -q
+
+test-fast: install     ## the quick loop: every test not marked slow
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: install      ## everything, slow tests included
-	$(PY) -m pytest -q
+test-all: test         ## same as `make test` (kept for old habits)
 
 demo: install          ## real digits data: prepare, measure random init, train, validate
 	$(PY) scripts/prepare_digits.py --out $(DIGITS_ROOT)
@@ -38,17 +48,17 @@ worst: install         ## fetch and list a run's worst-query grids: make worst R
 	@test -n "$(RUN)" || { echo "usage: make worst RUN=<mlflow run id>"; exit 2; }
 	$(PY) scripts/worst.py "$(RUN)"
 
-convert-market: install
+convert-market: install  ## Market-1501 folder -> dataset.csv: make convert-market DATA=<folder>
 	@test -n "$(DATA)" || { echo "usage: make convert-market DATA=/path/to/Market-1501-v15.09.15"; exit 2; }
 	$(PY) converters/market1501.py "$(DATA)" $(if $(STRICT),--strict) $(if $(SKIP_BAD),--skip-bad)
 
-convert-cars: install
+convert-cars: install  ## Cars196 folder -> dataset.csv: make convert-cars DATA=<folder> [PROTOCOL=metric|stanford]
 	@test -n "$(DATA)" || { echo "usage: make convert-cars DATA=/path/to/stanford_cars [PROTOCOL=metric|stanford]"; exit 2; }
 	$(PY) converters/cars196.py "$(DATA)" --protocol $(or $(PROTOCOL),metric) $(if $(STRICT),--strict)
 
-convert-fruits: install
+convert-fruits: install  ## fruit folders -> dataset.csv: make convert-fruits DATA=<folder> [QUERY=] [PROTOCOL=]
 	@test -n "$(DATA)" || { echo "usage: make convert-fruits DATA=/path/to/fruits [QUERY=validation|test] [PROTOCOL=closed|open]"; exit 2; }
 	$(PY) converters/fruits.py "$(DATA)" --protocol $(or $(PROTOCOL),closed) --query $(or $(QUERY),validation) $(if $(STRICT),--strict)
 
-clean:
-	rm -rf outputs multirun .pytest_cache
+clean:                 ## delete outputs/ (runs, MLflow store, prepared data) and tool caches; .venv stays
+	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache
