@@ -2,9 +2,10 @@
 import argparse
 import sys
 
+from metriclab.core.constants import DEFAULT_MLFLOW_URI
 from metriclab.core.errors import ConfigError
 from metriclab.core.paths import OUTPUTS_DIR
-from metriclab.tracking.report import DEFAULT_METRICS, DEFAULT_URI, write_report
+from metriclab.tracking.report import DEFAULT_METRICS, write_report
 
 
 def main(argv=None) -> int:
@@ -12,7 +13,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment", action="append", metavar="NAME",
                         help="MLflow experiment to report (repeatable); default: every experiment")
     parser.add_argument("--tracking-uri", default=None,
-                        help=f"MLflow store; default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI}")
+                        help=f"MLflow store; default: $MLFLOW_TRACKING_URI, else {DEFAULT_MLFLOW_URI}")
     parser.add_argument("--out", default=str(OUTPUTS_DIR / "report"), help="output folder (default: %(default)s)")
     parser.add_argument("--metric", default="mAP", help="main metric, sorts the table (default: %(default)s)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),

@@ -1,19 +1,20 @@
 """`make worst RUN=<mlflow run id>`: fetch a run's worst-query grids and tables, and print where they are."""
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from metriclab.core.constants import DEFAULT_MLFLOW_URI
 from metriclab.core.paths import OUTPUTS_DIR
+from metriclab.tracking.keys import default_tracking_uri
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_id", help="MLflow run id (see `make ui` or a run's tags)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI",
-                                                                 f"sqlite:///{OUTPUTS_DIR}/mlflow.db"))
+    parser.add_argument("--tracking-uri", default=default_tracking_uri(),
+                        help=f"MLflow store; default: $MLFLOW_TRACKING_URI, else {DEFAULT_MLFLOW_URI}")
     parser.add_argument("--out", type=Path, default=None, help="folder to fetch into (default outputs/worst/<run>)")
     args = parser.parse_args(argv)
     client = MlflowClient(args.tracking_uri)

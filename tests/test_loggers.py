@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from metriclab.core.compat import neptune_stop_run
 from metriclab.jobs.train import train
+from metriclab.tracking import loggers as tracking_loggers
 from tests.helpers import compose_cfg, fast_overrides
 
 TRAIN = ["sampler.n_labels=4", "sampler.n_instances=3", "trainer.max_epochs=2"]
@@ -35,7 +37,10 @@ def test_tensorboard_gets_epoch_metrics_and_grids(tmp_path, tiny_dataset):
 def test_neptune_offline_gets_metrics_and_grids(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setenv("NEPTUNE_MODE", "offline")
     monkeypatch.chdir(tmp_path)  # the offline client writes .neptune/ in the working directory
+    stops = []  # what the job's clean-up got back from stopping the Neptune run (True: there was one to stop)
+    monkeypatch.setattr(tracking_loggers, "neptune_stop_run", lambda lg: stops.append(neptune_stop_run(lg)) or True)
     train(compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN + ["logger=neptune"]))
+    assert stops == [True]  # stopped with the job, not at interpreter exit
     logs = list((tmp_path / ".neptune").rglob("data-1.log"))
     assert len(logs) == 1
     import json

@@ -13,8 +13,8 @@ from PIL import Image
 
 from metriclab.core.errors import ConfigError
 from metriclab.core.paths import REPO_ROOT
-from metriclab.tracking.report import collect_runs, format_duration, loss_name, write_report
 from metriclab.jobs.train import train
+from metriclab.tracking.report import collect_runs, format_duration, loss_name, write_report
 from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
 
 T0 = 1_700_000_000_000  # ms
@@ -144,10 +144,18 @@ def test_report_of_a_real_training_run(tmp_path):
     write_tiny_dataset(root)
     result = train(compose_cfg("train", fast_overrides(tmp_path, root) + [
         "sampler.n_labels=4", "sampler.n_instances=3", "trainer.max_epochs=2", "config_name=tiny"]))
-    out = write_report(f"sqlite:///{tmp_path}/outputs/mlflow.db", tmp_path / "report")
+    uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
+    out = write_report(uri, tmp_path / "report")
     row = out["table"].iloc[0]
-    best = max(out["summaries"][0].curves["val/mAP"], key=lambda sv: sv[1])
+    # the expected values straight from the store, not from the report's own summaries
+    client = MlflowClient(uri)
+    history = {k: {m.step: m.value for m in client.get_metric_history(result["mlflow_run_id"], k)}
+               for k in ("val/mAP", "val/cmc_at_1", "train/loss")}
+    assert sorted(history["val/mAP"]) == [0, 1] and sorted(history["train/loss"]) == [0, 1]
+    best_epoch = min(history["val/mAP"], key=lambda step: (-history["val/mAP"][step], step))
     assert len(out["table"]) == 1 and row["run"] == result["run_name"] and row["config"] == "tiny"
+    assert row["run id"] == result["mlflow_run_id"] and row["status"] == "FINISHED"
     assert row["epochs"] == "2" and row["loss"] == "TripletLossWithMiner(HardTripletsMiner)"
-    assert row["last mAP"] == f"{result['metrics']['mAP']:.4f}" and row["best mAP"] == f"{best[1]:.4f}"
-    assert row["cmc@1"] == f"{dict(out['summaries'][0].curves['val/cmc_at_1'])[best[0]]:.4f}"
+    assert row["last mAP"] == f"{result['metrics']['mAP']:.4f}" == f"{history['val/mAP'][1]:.4f}"
+    assert row["best mAP"] == f"{history['val/mAP'][best_epoch]:.4f}" and row["best epoch"] == str(best_epoch)
+    assert row["cmc@1"] == f"{history['val/cmc_at_1'][best_epoch]:.4f}"

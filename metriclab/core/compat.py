@@ -61,9 +61,13 @@ def mlflow_reset_tracking_uri(env_uri: Optional[str]) -> None:
     try:
         import mlflow.tracking._tracking_service.utils as tracking_utils
 
-        tracking_utils._tracking_uri = None  # type: ignore[attr-defined]
+        # assigning a module attribute never fails: check that MLflow still reads this one
+        if not hasattr(tracking_utils, "_tracking_uri"):
+            raise AttributeError("_tracking_uri")
+        tracking_utils._tracking_uri = None
     except (ImportError, AttributeError) as e:
-        raise _missing("mlflow_reset_tracking_uri", "mlflow", "mlflow.tracking._tracking_service.utils", e) from e
+        raise _missing("mlflow_reset_tracking_uri", "mlflow", "mlflow.tracking._tracking_service.utils._tracking_uri",
+                       e) from e
     if env_uri is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -73,9 +77,14 @@ def mlflow_reset_tracking_uri(env_uri: Optional[str]) -> None:
 # --------------------------------------------------------------------------------------------------------- Neptune
 def neptune_stop_run(logger: Any) -> bool:
     """Stop the Neptune run a PL NeptuneLogger holds (otherwise it stops only at interpreter exit). Returns whether
-    there was one to stop. PL exposes the run only through `experiment`, which would create one if none exists."""
+    there was one to stop. PL exposes the run only through `experiment`, which would create one if none exists.
+    The private name is Lightning's (its NeptuneLogger sets it in __init__, None until a run exists)."""
     check_version("neptune")
-    run = getattr(logger, "_run_instance", None)
+    check_version("pytorch-lightning")
+    if not hasattr(logger, "_run_instance"):
+        raise _missing("neptune_stop_run", "pytorch-lightning", "NeptuneLogger._run_instance",
+                       AttributeError("_run_instance"))
+    run = logger._run_instance
     if run is None:
         return False
     run.stop()

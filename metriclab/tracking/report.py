@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +26,15 @@ import pandas as pd  # noqa: E402
 
 # metriclab.core.atomic imports nothing heavy: `make report` starts without loading torch or Lightning.
 from metriclab.core.atomic import atomic_savefig, write_csv_atomic, write_text_atomic  # noqa: E402
-from metriclab.core.errors import ConfigError
-from metriclab.tracking.keys import mlflow_metric_key  # noqa: E402
+from metriclab.core.constants import DEFAULT_MLFLOW_URI  # noqa: E402
+from metriclab.core.errors import ConfigError  # noqa: E402
 from metriclab.core.paths import OUTPUTS_DIR  # noqa: E402
+from metriclab.tracking.keys import default_tracking_uri, mlflow_metric_key  # noqa: E402
 
 DEFAULT_METRICS = ("mAP", "cmc@1", "cmc@5", "precision@5", "map@5", "knn_accuracy@1")
-DEFAULT_URI = f"sqlite:///{OUTPUTS_DIR / 'mlflow.db'}"
 TRAIN_LOSS = "train/loss"
 #: Runs drawn on the comparison plot (the best ones): more lines than this are unreadable.
 MAX_COMPARED = 12
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def _val_key(metric: str) -> str:
@@ -102,7 +97,7 @@ def open_store(tracking_uri: str):
         db = Path(tracking_uri[len("sqlite:///"):])
         if not db.is_file():
             raise ConfigError(f"no MLflow store at {db}: train or validate something first, or pass "
-                              f"--tracking-uri (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")
+                              f"--tracking-uri (default: $MLFLOW_TRACKING_URI, else {DEFAULT_MLFLOW_URI})")
     return MlflowClient(tracking_uri)
 
 
@@ -301,7 +296,7 @@ def write_report(tracking_uri: Optional[str] = None, out_dir: Optional[Path] = N
     intro = (f"Store `{tracking_uri}`, {scope}: {len(summaries)} run(s), generated {generated}. Sorted by the best "
              f"val {main_metric} over each run's epochs; the other metrics are read at that epoch (`best epoch`). "
              f"`epochs` = training epochs logged, `duration` = wall time of the run.")
-    md = [f"# Run comparison\n", intro, "", _markdown_table(table), "",
+    md = ["# Run comparison\n", intro, "", _markdown_table(table), "",
           f"![val {main_metric} per epoch]({compare_png.name})", "", "## Validation curves per run", ""]
     for s, png in zip(summaries, curve_pngs):
         md += [f"### {s.name}", "", f"![{s.name}]({png.relative_to(out_dir).as_posix()})", ""]
