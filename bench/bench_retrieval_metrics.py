@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+
 from metriclab.core.atomic import replace_markdown_section
 
 SECTION = "## Evaluation engine"
@@ -111,14 +111,16 @@ def time_matmul(data: dict) -> Clock:
     return clock
 
 
-def run_engine(data: dict, **kwargs) -> tuple[Clock, dict]:
-    from metriclab.evaluation.engine import evaluate_retrieval
+def run_engine(data: dict, **spec) -> tuple[Clock, dict]:
+    """One engine run over `data`; `spec`: RetrievalSpec fields that differ from its defaults."""
+    from metriclab.evaluation.engine import RetrievalSide, RetrievalSpec, evaluate_retrieval
 
+    query = RetrievalSide(data["q"], data["ql"], sequences=data["qs"])
+    gallery = RetrievalSide(data["g"], data["gl"], sequences=data["gs"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # queries without a cross-camera match are counted, not news
-        with Clock() as clock:
-            report = evaluate_retrieval(data["q"], data["g"], data["ql"], data["gl"], query_sequences=data["qs"],
-                                        gallery_sequences=data["gs"], **kwargs)
+        with Clock() as clock:  # the spec's checks are part of the call, as they were when they were arguments
+            report = evaluate_retrieval(query, gallery, RetrievalSpec(**spec))
     return clock, report.metrics
 
 
@@ -173,8 +175,9 @@ def run_case(case: str) -> dict:
     size = BIG if case == "big" else MARKET
     data = make_data(**size)
     # imports and a tiny warm-up call happen before the peak-RSS reset and the clock: they are not the engine's work
-    import metriclab.evaluation.engine  # noqa: F401
     import oml.metrics.embeddings  # noqa: F401
+
+    import metriclab.evaluation.engine  # noqa: F401
 
     run_engine(make_data(50, 200, 8, 20))
     result: dict = {"case": case, "size": size, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}

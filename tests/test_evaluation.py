@@ -1,17 +1,21 @@
-"""metriclab.data.datasets's ValidationData and metriclab.evaluation.pictures's validation pass, without training."""
+"""metriclab.data.datasets's ValidationData, metriclab.evaluation.validation's metrics and the pictures drawn from
+them (metriclab.evaluation.pictures), without training."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metriclab.data.datasets import build_validation_data, read_dataset_csv
-from metriclab.evaluation.pictures import evaluate_validation
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
 from metriclab.core.paths import REPO_ROOT
-from metriclab.evaluation.engine import evaluate_retrieval
+from metriclab.data.datasets import build_validation_data, read_dataset_csv
+from metriclab.evaluation.engine import RetrievalSide, RetrievalSpec, evaluate_retrieval
+from metriclab.evaluation.validation import evaluate_validation
 from tests.helpers import write_tiny_dataset
 
 
@@ -47,10 +51,11 @@ def test_empty_sequence_cells_exclude_nothing_and_metrics_match_unique_names(seq
     q, g = np.flatnonzero(data.is_query), np.flatnonzero(data.is_gallery)
     cfg = _eval_cfg()
     expected = evaluate_retrieval(
-        emb[q], emb[g], data.labels[q], data.labels[g], query_ids=q, gallery_ids=g,
-        query_sequences=seq[q], gallery_sequences=seq[g], query_categories=data.categories[q],
-        cmc_top_k=tuple(cfg.cmc_top_k), map_top_k=tuple(cfg.map_top_k), precision_top_k=tuple(cfg.precision_top_k),
-        knn_top_k=tuple(cfg.knn_top_k), pcf_variance=tuple(cfg.pcf_variance), keep_top_k=int(cfg.grid_top_k))
+        RetrievalSide(emb[q], data.labels[q], ids=q, sequences=seq[q], categories=data.categories[q]),
+        RetrievalSide(emb[g], data.labels[g], ids=g, sequences=seq[g]),
+        RetrievalSpec(cmc_top_k=tuple(cfg.cmc_top_k), map_top_k=tuple(cfg.map_top_k),
+                      precision_top_k=tuple(cfg.precision_top_k), knn_top_k=tuple(cfg.knn_top_k),
+                      pcf_variance=tuple(cfg.pcf_variance), keep_top_k=int(cfg.grid_top_k)))
     assert report.metrics == pytest.approx(expected.metrics, nan_ok=True)
     assert (report.per_query["n_true"].to_numpy() == expected.per_query["n_true"].to_numpy()).all()
     np.testing.assert_array_equal(report.topk_ids, expected.topk_ids)
@@ -66,7 +71,7 @@ def _drawn_texts(monkeypatch, report, data, emb, tmp_path):
     assert worst.equals(evaluation.select_worst_queries(report, 5)) and len(figures) == 1
     fig = figures[0]
     rows = np.array(fig.axes).reshape(len(worst), -1)  # subplots are created row by row
-    return fig._suptitle.get_text(), [row[0].get_title() for row in rows], worst
+    return fig.get_suptitle(), [row[0].get_title() for row in rows], worst
 
 
 @pytest.mark.parametrize("backend", ["exact", "faiss-flat"])
@@ -99,3 +104,33 @@ def test_class_names_prefer_the_class_name_column():
     df = pd.DataFrame({"label": [3, 10], "path": ["a", "b"]})
     assert class_names(df).tolist() == ["3", "10"]
     assert class_names(df.assign(class_name=["apple", 7])).tolist() == ["apple", "7"]
+
+
+
+def test_validation_takes_the_built_group_or_its_config_node(seq_data, tmp_path):
+    """The built `EvaluationConfig`, the DictConfig and a plain dict give the same report and the same files; a
+    misspelt key in the node is an error naming it, not ignored."""
+    from metriclab.evaluation.pictures import save_worst_queries
+
+    data = seq_data
+    emb = torch.from_numpy(np.random.default_rng(2).normal(size=(len(data.df), 8)).astype(np.float32))
+    node = _eval_cfg(cmc_top_k=[1, 2], knn_top_k=[1, 3], grid_top_k=3, worst_queries=2, grid_missed=1)
+    built = build(node, "evaluation")
+    reports = [evaluate_validation(emb, data, c) for c in (built, node, OmegaConf.to_container(node))]
+    for other in reports[1:]:
+        assert other.metrics == reports[0].metrics
+        assert other.per_query.equals(reports[0].per_query)
+        np.testing.assert_array_equal(other.topk_ids, reports[0].topk_ids)
+    assert {"cmc@1", "cmc@2", "knn_accuracy@3"} <= set(reports[0].metrics) and "cmc@5" not in reports[0].metrics
+    assert reports[0].topk_ids.shape == (int(data.is_query.sum()), 3)  # grid_top_k neighbours kept
+    tables = []
+    for name, c in (("built", built), ("node", node)):
+        files = save_worst_queries(reports[0], data, emb, tmp_path / name, c, title="t")
+        assert [f.name for f in files] == ["worst_queries.png", "worst_queries.csv"]
+        tables.append(pd.read_csv(files[1]))
+    assert len(tables[0]) == 2 and tables[0].equals(tables[1])  # worst_queries=2 rows
+    with pytest.raises(ConfigError, match="`evaluation.cmc_topk` is not a key of `evaluation`"):
+        evaluate_validation(emb, data, OmegaConf.merge(node, {"cmc_topk": [1]}))
+    with pytest.raises(ConfigError, match="`evaluation.grid_mised` is not a key of `evaluation`"):
+        save_worst_queries(reports[0], data, emb, tmp_path / "bad", {"grid_mised": 1})
+

@@ -13,9 +13,25 @@ from oml.interfaces.datasets import IQueryGalleryLabeledDataset
 from oml.metrics.embeddings import calc_retrieval_metrics_rr
 from oml.retrieval.retrieval_results import RetrievalResults
 
-from metriclab.evaluation.engine import PER_QUERY_COLUMNS, evaluate_retrieval
+from metriclab.evaluation import blocks
+from metriclab.evaluation.engine import PER_QUERY_COLUMNS, RetrievalSide, RetrievalSpec, evaluate_retrieval
 
 torch.set_num_threads(1)
+
+SIDE_FIELDS = ("ids", "sequences", "categories")
+
+
+def evaluate(query_embeddings, gallery_embeddings, query_labels, gallery_labels, **kwargs):
+    """The engine with every input spelt as one argument: ``query_<field>`` / ``gallery_<field>`` go to that side's
+    `RetrievalSide`, the rest to the `RetrievalSpec`. All three are made here, so a check in any of them raises
+    inside the caller's `pytest.raises`, and an error names the argument as written."""
+    sides = {
+        side: {f: kwargs.pop(f"{side}_{f}") for f in SIDE_FIELDS if f"{side}_{f}" in kwargs}
+        for side in ("query", "gallery")
+    }
+    return evaluate_retrieval(RetrievalSide(query_embeddings, query_labels, **sides["query"]),
+                              RetrievalSide(gallery_embeddings, gallery_labels, **sides["gallery"]),
+                              RetrievalSpec(**kwargs))
 
 CMC_K, MAP_K, PREC_K, KNN_K = (1, 3, 5), (3, 5), (3, 5), (1, 3, 4)
 
@@ -80,8 +96,8 @@ def naive_reference(q, g, ql, gl, *, qids=None, gids=None, qseq=None, gseq=None,
 
 def run(q, g, ql, gl, **kwargs):
     kwargs.setdefault("pcf_variance", ())
-    return evaluate_retrieval(q, g, ql, gl, cmc_top_k=CMC_K, map_top_k=MAP_K, precision_top_k=PREC_K,
-                              knn_top_k=KNN_K, **kwargs)
+    return evaluate(q, g, ql, gl, cmc_top_k=CMC_K, map_top_k=MAP_K, precision_top_k=PREC_K,
+                    knn_top_k=KNN_K, **kwargs)
 
 
 def reid_data(seed, distance, n_rows=140, n_labels=12, n_cams=3, tied=True, dim=16):
@@ -127,8 +143,9 @@ def test_perfect_ranking_gives_all_ones():
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     g = np.repeat(centres, 3, axis=0) + np.tile([[0.1, 0], [0, 0.1], [-0.1, 0]], (3, 1))
     gl = np.repeat([0, 1, 2], 3)
-    r = evaluate_retrieval(centres, g, [0, 1, 2], gl, cmc_top_k=(1, 3), map_top_k=(3, 5), precision_top_k=(3, 5),
-                           knn_top_k=(1, 3), pcf_variance=())
+    spec = RetrievalSpec(cmc_top_k=(1, 3), map_top_k=(3, 5), precision_top_k=(3, 5), knn_top_k=(1, 3),
+                         pcf_variance=())
+    r = evaluate_retrieval(RetrievalSide(centres, [0, 1, 2]), RetrievalSide(g, gl), spec)
     for name in ["cmc@1", "cmc@3", "mAP", "mINP", "map@3", "map@5", "precision@3", "precision@5",
                  "knn_accuracy@1", "knn_accuracy@3"]:
         assert r.metrics[name] == 1.0, name
@@ -143,8 +160,8 @@ def test_worst_ranking_hand_computed():
     # 1-D: query at 0; wrong items (labels 7, 8, 9) at 1, 2, 3; true matches (label 1) at 10, 11
     g = np.array([[10.0], [1.0], [11.0], [2.0], [3.0]])
     gl = np.array([1, 7, 1, 8, 9])
-    r = evaluate_retrieval(np.zeros((1, 1)), g, [1], gl, cmc_top_k=(1, 3, 4, 5), map_top_k=(3, 5),
-                           precision_top_k=(3, 5), knn_top_k=(1, 3, 5), pcf_variance=())
+    r = evaluate(np.zeros((1, 1)), g, [1], gl, cmc_top_k=(1, 3, 4, 5), map_top_k=(3, 5),
+                 precision_top_k=(3, 5), knn_top_k=(1, 3, 5), pcf_variance=())
     m = r.metrics
     assert r.per_query["first_hit_rank"].tolist() == [4]  # true matches at ranks 4 and 5
     assert (m["cmc@1"], m["cmc@3"], m["cmc@4"], m["cmc@5"]) == (0.0, 0.0, 1.0, 1.0)
@@ -162,8 +179,8 @@ def test_ties_are_ranked_pessimistically():
     # query at 0; gallery: true match at +1 (index 0), wrong items at -1 (index 1) and +1 (index 2), far true match
     g = np.array([[1.0], [-1.0], [1.0], [5.0]])
     gl = np.array([1, 2, 3, 1])
-    r = evaluate_retrieval(np.zeros((1, 1)), g, [1], gl, cmc_top_k=(1, 2, 3), map_top_k=(3,), precision_top_k=(3,),
-                           knn_top_k=(1, 3), keep_top_k=4, pcf_variance=())
+    r = evaluate(np.zeros((1, 1)), g, [1], gl, cmc_top_k=(1, 2, 3), map_top_k=(3,), precision_top_k=(3,),
+                 knn_top_k=(1, 3), keep_top_k=4, pcf_variance=())
     # all three at distance 1 tie: both wrong items go first (lower index first), then the true match
     assert r.topk_ids[0].tolist() == [1, 2, 0, 3]
     assert r.per_query["first_hit_rank"].tolist() == [3]
@@ -173,10 +190,10 @@ def test_ties_are_ranked_pessimistically():
     # 3-NN labels 2, 3, 1: three-way tie, the nearest (label 2) wins -> wrong
     assert r.metrics["knn_accuracy@3"] == 0.0
     # the tie group crosses the cut of a 1-long list: still the first wrong item by index
-    r1 = evaluate_retrieval(np.zeros((1, 1)), g, [1], gl, keep_top_k=1, knn_top_k=(1,), pcf_variance=())
+    r1 = evaluate(np.zeros((1, 1)), g, [1], gl, keep_top_k=1, knn_top_k=(1,), pcf_variance=())
     assert r1.topk_ids.tolist() == [[1]]
     # a collapsed model (every embedding equal) gets the worst score, not an index-order lottery
-    rc = evaluate_retrieval(np.ones((1, 3)), np.ones((4, 3)), [1], gl, cmc_top_k=(1,), pcf_variance=())
+    rc = evaluate(np.ones((1, 3)), np.ones((4, 3)), [1], gl, cmc_top_k=(1,), pcf_variance=())
     assert rc.metrics["cmc@1"] == 0.0 and rc.per_query["first_hit_rank"].tolist() == [3]
 
 
@@ -185,7 +202,7 @@ def test_query_without_valid_match_is_skipped_and_counted():
     gl = np.array([0, 1, 1])
     q, ql = np.array([[0.1], [5.0], [1.1]]), np.array([0, 42, 1])  # label 42 is not in the gallery
     with pytest.warns(UserWarning, match="1 of 3 queries have no valid true match"):
-        r = evaluate_retrieval(q, g, ql, gl, cmc_top_k=(1,), pcf_variance=())
+        r = evaluate(q, g, ql, gl, cmc_top_k=(1,), pcf_variance=())
     assert r.metrics["n_queries"] == 2.0 and r.metrics["n_queries_skipped"] == 1.0
     assert r.metrics["cmc@1"] == 1.0 and r.metrics["mAP"] == 1.0  # the skipped query does not pull it to 2/3
     pq = r.per_query
@@ -194,7 +211,7 @@ def test_query_without_valid_match_is_skipped_and_counted():
     assert pq.loc[1, "n_true"] == 0
     assert list(pq.columns) == list(PER_QUERY_COLUMNS)
     with pytest.warns(UserWarning, match="No query has a valid true match"):
-        r0 = evaluate_retrieval(q[1:2], g, ql[1:2], gl, pcf_variance=())
+        r0 = evaluate(q[1:2], g, ql[1:2], gl, pcf_variance=())
     assert np.isnan(r0.metrics["mAP"]) and r0.metrics["n_queries"] == 0.0
 
 
@@ -204,21 +221,21 @@ def test_same_camera_sequence_exclusion_changes_the_answer():
     g = np.array([[0.1], [0.5], [0.9]])
     gl = np.array([1, 2, 1])
     gseq = ["1_c1", "2_c1", "1_c2"]
-    plain = evaluate_retrieval(np.zeros((1, 1)), g, [1], gl, cmc_top_k=(1,), pcf_variance=())
+    plain = evaluate(np.zeros((1, 1)), g, [1], gl, cmc_top_k=(1,), pcf_variance=())
     assert plain.metrics["cmc@1"] == 1.0 and plain.per_query["n_true"].tolist() == [2]
-    r = evaluate_retrieval(np.zeros((1, 1)), g, [1], gl, query_sequences=["1_c1"], gallery_sequences=gseq,
-                           cmc_top_k=(1,), keep_top_k=3, pcf_variance=())
+    r = evaluate(np.zeros((1, 1)), g, [1], gl, query_sequences=["1_c1"], gallery_sequences=gseq,
+                 cmc_top_k=(1,), keep_top_k=3, pcf_variance=())
     assert r.metrics["cmc@1"] == 0.0 and r.metrics["mAP"] == 0.5
     assert r.per_query["first_hit_rank"].tolist() == [2] and r.per_query["n_true"].tolist() == [1]
     assert r.topk_ids.tolist() == [[1, 2, -1]]  # the excluded item never shows up
     # a query whose only true matches share its sequence has no valid match
     with pytest.warns(UserWarning):
-        r2 = evaluate_retrieval(np.zeros((1, 1)), g[:2], [1], gl[:2], query_sequences=["1_c1"],
-                                gallery_sequences=gseq[:2], pcf_variance=())
+        r2 = evaluate(np.zeros((1, 1)), g[:2], [1], gl[:2], query_sequences=["1_c1"],
+                      gallery_sequences=gseq[:2], pcf_variance=())
     assert r2.metrics["n_queries_skipped"] == 1.0
     # missing sequences (None/NaN) belong to no sequence: nothing is excluded
-    r3 = evaluate_retrieval(np.zeros((1, 1)), g, [1], gl, query_sequences=[None],
-                            gallery_sequences=[None, np.nan, None], cmc_top_k=(1,), pcf_variance=())
+    r3 = evaluate(np.zeros((1, 1)), g, [1], gl, query_sequences=[None],
+                  gallery_sequences=[None, np.nan, None], cmc_top_k=(1,), pcf_variance=())
     assert r3.metrics["cmc@1"] == 1.0 and r3.per_query["n_true"].tolist() == [2]
 
 
@@ -226,10 +243,10 @@ def test_same_row_exclusion():
     # 4 rows, all both query and gallery: each query finds itself at distance 0 unless ids exclude it
     emb = np.array([[0.0], [0.2], [5.0], [5.3]])
     labels = np.array([0, 0, 1, 1])
-    plain = evaluate_retrieval(emb, emb, labels, labels, pcf_variance=())
+    plain = evaluate(emb, emb, labels, labels, pcf_variance=())
     assert plain.topk_ids[:, 0].tolist() == [0, 1, 2, 3] and plain.per_query["n_true"].tolist() == [2, 2, 2, 2]
-    r = evaluate_retrieval(emb, emb, labels, labels, query_ids=[10, 11, 12, 13], gallery_ids=[10, 11, 12, 13],
-                           keep_top_k=4, pcf_variance=())
+    r = evaluate(emb, emb, labels, labels, query_ids=[10, 11, 12, 13], gallery_ids=[10, 11, 12, 13],
+                 keep_top_k=4, pcf_variance=())
     assert r.topk_ids.tolist() == [[1, 2, 3, -1], [0, 2, 3, -1], [3, 1, 0, -1], [2, 1, 0, -1]]
     assert r.per_query["n_true"].tolist() == [1, 1, 1, 1]
     assert r.metrics["cmc@1"] == 1.0 and r.metrics["mAP"] == 1.0
@@ -316,10 +333,10 @@ def test_agrees_with_oml_where_definitions_coincide(seed, normalised):
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     qi, gi = d["qids"], d["gids"]
     with pytest.warns(UserWarning):
-        r = evaluate_retrieval(emb[qi], emb[gi], labels[qi], labels[gi], query_ids=qi, gallery_ids=gi,
-                               query_sequences=seq[qi], gallery_sequences=seq[gi], cmc_top_k=(1, 5, 10),
-                               precision_top_k=(1, 5), map_top_k=(5, 10), pcf_variance=(),
-                               distance="cosine" if normalised else "euclidean")
+        r = evaluate(emb[qi], emb[gi], labels[qi], labels[gi], query_ids=qi, gallery_ids=gi,
+                     query_sequences=seq[qi], gallery_sequences=seq[gi], cmc_top_k=(1, 5, 10),
+                     precision_top_k=(1, 5), map_top_k=(5, 10), pcf_variance=(),
+                     distance="cosine" if normalised else "euclidean")
     valid = r.per_query["valid"].to_numpy()
     assert not valid.all()  # OML would average the invalid ones in; we compare on the valid queries
     oml = oml_metrics(emb, labels, is_query, is_gallery, seq, valid, (1, 5, 10), (1, 5), (5, 10, len(gi)))
@@ -340,7 +357,7 @@ def test_map_equals_oml_full_gallery_when_every_query_is_valid():
     emb = np.concatenate([q, g])
     labels = np.concatenate([ql, gl])
     is_query = np.r_[np.ones(40, bool), np.zeros(200, bool)]
-    r = evaluate_retrieval(q, g, ql, gl, pcf_variance=(), cmc_top_k=(1, 5), map_top_k=(5,), precision_top_k=(5,))
+    r = evaluate(q, g, ql, gl, pcf_variance=(), cmc_top_k=(1, 5), map_top_k=(5,), precision_top_k=(5,))
     assert r.metrics["n_queries_skipped"] == 0.0
     dataset = _EmbeddingsDataset(labels, is_query, ~is_query)
     rr = RetrievalResults.from_embeddings(torch.tensor(emb, dtype=torch.float32), dataset, n_items=200)
@@ -358,22 +375,22 @@ def test_pcf_is_oml_calc_pcf_over_query_and_gallery():
     ql, gl = rng.integers(0, 3, 15), rng.integers(0, 3, 40)
     variances = (0.3, 0.5, 0.9)
     expected = calc_pcf(torch.tensor(np.concatenate([q, g]), dtype=torch.float32), variances)
-    r = evaluate_retrieval(q, g, ql, gl, pcf_variance=variances)
+    r = evaluate(q, g, ql, gl, pcf_variance=variances)
     assert [r.metrics[f"pcf@{v}"] for v in variances] == pytest.approx([float(x) for x in expected])
     # rows that are both query and gallery (same id) are counted once: gallery rows 0..14 are the queries
     g2 = np.concatenate([q, g])
     gl2 = np.concatenate([ql, gl])
-    r2 = evaluate_retrieval(q, g2, ql, gl2, query_ids=np.arange(15), gallery_ids=np.arange(55), pcf_variance=variances)
+    r2 = evaluate(q, g2, ql, gl2, query_ids=np.arange(15), gallery_ids=np.arange(55), pcf_variance=variances)
     assert [r2.metrics[f"pcf@{v}"] for v in variances] == pytest.approx([float(x) for x in expected])
     # more rows and dims, correlated features: still OML's numbers
     mix = rng.normal(size=(24, 24)) * np.linspace(2, 0.05, 24)
     qb, gb = rng.normal(size=(200, 24)) @ mix + 3.0, rng.normal(size=(700, 24)) @ mix + 3.0
     many = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
-    rb = evaluate_retrieval(qb, gb, np.zeros(200, int), np.zeros(700, int), pcf_variance=many)
+    rb = evaluate(qb, gb, np.zeros(200, int), np.zeros(700, int), pcf_variance=many)
     expected_b = calc_pcf(torch.tensor(np.concatenate([qb, gb]), dtype=torch.float32), many)
     assert [rb.metrics[f"pcf@{v}"] for v in many] == pytest.approx([float(x) for x in expected_b])
     # few rows (n <= 2 * dim) go straight to OML's function
-    r3 = evaluate_retrieval(q[:4], g[:6], ql[:4], ql[:4].tolist() + [0, 1], pcf_variance=variances)
+    r3 = evaluate(q[:4], g[:6], ql[:4], ql[:4].tolist() + [0, 1], pcf_variance=variances)
     small = calc_pcf(torch.tensor(np.concatenate([q[:4], g[:6]]), dtype=torch.float32), variances)
     assert [r3.metrics[f"pcf@{v}"] for v in variances] == pytest.approx([float(x) for x in small])
 
@@ -427,19 +444,17 @@ def test_block_size_does_not_change_results(tied):
 
 
 def test_blocks_bound_memory_and_pair_budget_does_not_change_results(monkeypatch):
-    import metriclab.evaluation.engine as rm
-
-    blocks = rm._plan_blocks(3368, 19732, None, np.full(3368, 20))
-    assert max(hi - lo for lo, hi in blocks) * 19732 * 4 <= rm.BLOCK_BYTES  # one block's float32 distances
-    assert blocks[0] == (0, 850) and blocks[-1][1] == 3368
-    assert rm._plan_blocks(10, 5, None, np.array([3] * 10)) == [(0, 10)]
+    plan = blocks.plan_blocks(3368, 19732, None, np.full(3368, 20))
+    assert max(hi - lo for lo, hi in plan) * 19732 * 4 <= blocks.BLOCK_BYTES  # one block's float32 distances
+    assert plan[0] == (0, 850) and plan[-1][1] == 3368
+    assert blocks.plan_blocks(10, 5, None, np.array([3] * 10)) == [(0, 10)]
     d = reid_data(12, "cosine", tied=True)
     kwargs = dict(query_ids=d["qids"], gallery_ids=d["gids"], query_sequences=d["qseq"],
                   gallery_sequences=d["gseq"], distance="cosine")
     with pytest.warns(UserWarning):
         wide = run(d["q"], d["g"], d["ql"], d["gl"], **kwargs)
-    monkeypatch.setattr(rm, "PAIR_BUDGET", 25)  # few (query, gallery) pairs per block: many small blocks
-    assert len(rm._plan_blocks(len(d["q"]), len(d["g"]), None, np.full(len(d["q"]), 10))) == len(d["q"]) // 2
+    monkeypatch.setattr(blocks, "PAIR_BUDGET", 25)  # few (query, gallery) pairs per block: many small blocks
+    assert len(blocks.plan_blocks(len(d["q"]), len(d["g"]), None, np.full(len(d["q"]), 10))) == len(d["q"]) // 2
     with pytest.warns(UserWarning):
         narrow = run(d["q"], d["g"], d["ql"], d["gl"], **kwargs)
     assert narrow.metrics == wide.metrics
@@ -494,6 +509,11 @@ def test_per_category_keys_equal_metrics_of_that_subset():
          r"gallery_embeddings rows \[0, 1, 2, 3\] have zero norm"),
         (dict(query_embeddings=np.array([["a", "b"]] * 3)), TypeError, "query_embeddings must hold real numbers"),
         (dict(gallery_embeddings=np.full((4, 2), 1e30)), ValueError, "gallery_embeddings has values up to 1e"),
+        (dict(gallery_categories=["x"] * 4), ValueError, "gallery_categories are not used"),
+        (dict(knn_top_k=(1, True)), ValueError, "knn_top_k must contain positive integers"),
+        (dict(block_size=2.0), ValueError, "block_size must be a positive integer or None, got 2.0"),
+        (dict(hnsw_m=0), ValueError, "hnsw_m must be a positive integer, got 0"),
+        (dict(hnsw_ef_search=None), ValueError, "hnsw_ef_search must be a positive integer, got None"),
     ],
 )
 def test_bad_input_names_the_argument(change, error, match):
@@ -501,4 +521,67 @@ def test_bad_input_names_the_argument(change, error, match):
                 gallery_labels=[0, 1, 2, 3])
     args.update(change)
     with pytest.raises(error, match=match):
-        evaluate_retrieval(**args)
+        evaluate(**args)
+
+
+def test_the_engine_takes_sides_and_a_spec_not_loose_arrays():
+    side = RetrievalSide(np.ones((3, 2)), [0, 1, 2])
+    with pytest.raises(TypeError, match="evaluate_retrieval: query must be a RetrievalSide, got ndarray"):
+        evaluate_retrieval(np.ones((3, 2)), side)
+    with pytest.raises(TypeError, match="evaluate_retrieval: spec must be a RetrievalSpec, got dict"):
+        evaluate_retrieval(side, side, {"distance": "cosine"})
+    # the default spec: cmc@1/5/10, mAP, mINP, map@5, precision@5, knn_accuracy@1, pcf@0.5, 10 neighbours kept
+    r = evaluate_retrieval(side, side)
+    assert list(r.metrics) == ["cmc@1", "cmc@5", "cmc@10", "mAP", "mINP", "map@5", "precision@5", "knn_accuracy@1",
+                               "pcf@0.5", "n_queries", "n_queries_skipped"]
+    assert r.topk_ids.shape == (3, 10) and r.distance == "euclidean" and r.backend == "exact"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the spec
+
+
+def test_spec_normalises_its_values_and_is_frozen():
+    import dataclasses
+
+    spec = RetrievalSpec(cmc_top_k=3, map_top_k=[5, np.int64(10)], precision_top_k=None, knn_top_k=(np.int32(2),),
+                         pcf_variance=0.5, keep_top_k=np.int64(4), block_size=np.int64(64))
+    assert spec.cmc_top_k == (3,) and spec.map_top_k == (5, 10) and spec.precision_top_k == ()
+    assert spec.knn_top_k == (2,) and spec.pcf_variance == (0.5,)
+    assert [type(k) for k in spec.map_top_k + spec.knn_top_k] == [int, int, int]
+    assert type(spec.keep_top_k) is int and spec.keep_top_k == 4 and type(spec.block_size) is int
+    assert spec.search_depth == 10 and RetrievalSpec(keep_top_k=0, cmc_top_k=(), map_top_k=(), precision_top_k=(),
+                                                     knn_top_k=()).search_depth == 1
+    assert spec == RetrievalSpec(cmc_top_k=(3,), map_top_k=(5, 10), precision_top_k=(), knn_top_k=(2,),
+                                 pcf_variance=(0.5,), keep_top_k=4, block_size=64)
+    assert spec.exact and not RetrievalSpec(backend="faiss-flat").exact
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.distance = "cosine"
+
+
+def test_spec_from_the_evaluation_config_group():
+    from omegaconf import OmegaConf
+
+    from metriclab.core.errors import ConfigError
+    from metriclab.core.schemas import EvaluationConfig
+
+    cfg = EvaluationConfig(cmc_top_k=[1, 2, 4, 8], map_top_k=[3], precision_top_k=[5, 50], knn_top_k=[1, 5],
+                           pcf_variance=[0.3, 0.9], distance="cosine", backend="faiss-flat", grid_top_k=7)
+    spec = RetrievalSpec.from_config(cfg)
+    assert spec == RetrievalSpec(cmc_top_k=(1, 2, 4, 8), map_top_k=(3,), precision_top_k=(5, 50),
+                                 knn_top_k=(1, 5), pcf_variance=(0.3, 0.9), distance="cosine", backend="faiss-flat",
+                                 keep_top_k=7, block_size=None, hnsw_m=32, hnsw_ef_construction=200,
+                                 hnsw_ef_search=256)
+    # what the group does not hold comes as overrides
+    assert RetrievalSpec.from_config(cfg, block_size=16, hnsw_m=8).block_size == 16
+    assert RetrievalSpec.from_config(cfg, block_size=16, hnsw_m=8).hnsw_m == 8
+    # the raw config node (what callers pass during the transition) is built first: same spec, unknown keys fail
+    node = OmegaConf.structured(cfg)
+    assert RetrievalSpec.from_config(node) == spec
+    assert RetrievalSpec.from_config(OmegaConf.to_container(node)) == spec
+    assert RetrievalSpec.from_config({}) == RetrievalSpec(keep_top_k=5)  # the schema's defaults: grid_top_k 5
+    with pytest.raises(ConfigError, match="`evaluation.cmc_topk` is not a key of `evaluation`"):
+        RetrievalSpec.from_config({"cmc_topk": [1]})
+    with pytest.raises(ConfigError, match="`evaluation.distance=manhattan` is not supported"):
+        RetrievalSpec.from_config({"distance": "manhattan"})
+

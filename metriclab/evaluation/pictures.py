@@ -1,7 +1,6 @@
-"""Validation: embeddings of the validation rows -> metrics, worst-query grids and their CSV.
+"""What a person looks at after validation: the worst-query grid and its CSV, the t-SNE plot, the metrics table.
 
-The metric engine is `metriclab.evaluation.engine`; this module splits the rows into query and gallery, runs it,
-and draws what a person looks at.
+The metrics come from `metriclab.evaluation.validation` (the metric engine over the validation rows).
 """
 from __future__ import annotations
 
@@ -15,31 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from metriclab.core.atomic import atomic_savefig, write_csv_atomic  # noqa: E402
 from metriclab.data.datasets import ValidationData, class_names  # noqa: E402
-from metriclab.evaluation.engine import RetrievalReport, evaluate_retrieval  # noqa: E402
-
-def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig) -> RetrievalReport:
-    """Metrics for validation embeddings in dataset row order (`cfg` = the `evaluation` node)."""
-    q = np.flatnonzero(data.is_query)
-    g = np.flatnonzero(data.is_gallery)
-    emb = embeddings.float()
-    seq = data.sequences
-    cats = data.categories
-    return evaluate_retrieval(
-        emb[q], emb[g], data.labels[q], data.labels[g],
-        query_ids=q, gallery_ids=g,
-        query_sequences=None if seq is None else seq[q],
-        gallery_sequences=None if seq is None else seq[g],
-        query_categories=None if cats is None else cats[q],
-        cmc_top_k=tuple(cfg.cmc_top_k), map_top_k=tuple(cfg.map_top_k),
-        precision_top_k=tuple(cfg.precision_top_k), knn_top_k=tuple(cfg.knn_top_k),
-        pcf_variance=tuple(cfg.pcf_variance), distance=cfg.distance,
-        keep_top_k=int(cfg.grid_top_k), backend=cfg.backend,
-    )
+from metriclab.evaluation.report import RetrievalReport  # noqa: E402
+from metriclab.evaluation.spec import EvaluationConfigLike, as_evaluation_config  # noqa: E402
 
 
 def select_worst_queries(report: RetrievalReport, n: int) -> pd.DataFrame:
@@ -103,6 +83,17 @@ def _pair_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> np.ndarra
     return torch.cdist(a, b)[0].numpy()
 
 
+def _grid_title(report: RetrievalReport, n_rows: int, k: int, title: str) -> str:
+    """The grid's title: `title`, the rule the rows were selected by, the colours and the distance."""
+    if _has_ap(report):
+        rule = f"{n_rows} worst queries by AP (lowest AP first; ties: later first true match). "
+    else:
+        rule = (f"{n_rows} worst queries by first-hit rank (no true match in the searched list first, then the "
+                f"latest first true match; backend {report.backend.split(' (')[0]} gives no AP). ")
+    return (f"{title}\n{rule}Green = right, red = wrong, gray = true matches missed from the top {k}. "
+            f"Distance: {report.distance}")
+
+
 def draw_worst_queries(
     report: RetrievalReport,
     data: ValidationData,
@@ -152,14 +143,7 @@ def draw_worst_queries(
             axes[r][1 + k + c].axis("on")
             tile(axes[r][1 + k + c], g_row, f"MISSED {names[g_row]}\n{Path(paths[g_row]).name}\n"
                  f"d={dist:.3f}", "gray")
-    if with_ap:
-        rule = f"{len(worst)} worst queries by AP (lowest AP first; ties: later first true match). "
-    else:
-        rule = (f"{len(worst)} worst queries by first-hit rank (no true match in the searched list first, then the "
-                f"latest first true match; backend {report.backend.split(' (')[0]} gives no AP). ")
-    fig.suptitle(f"{title}\n{rule}"
-                 f"Green = right, red = wrong, gray = true matches missed from the top {k}. "
-                 f"Distance: {report.distance}", fontsize=8)
+    fig.suptitle(_grid_title(report, len(worst), k, title), fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, out_png)
     plt.close(fig)
@@ -179,12 +163,14 @@ def worst_queries_table(worst: pd.DataFrame, data: ValidationData) -> pd.DataFra
 
 
 def save_worst_queries(
-    report: RetrievalReport, data: ValidationData, embeddings: torch.Tensor, out_dir: Path, cfg: DictConfig,
-    title: str = "",
+    report: RetrievalReport, data: ValidationData, embeddings: torch.Tensor, out_dir: Path,
+    cfg: EvaluationConfigLike, title: str = "",
 ) -> List[Path]:
-    """`out_dir/worst_queries.png` + `worst_queries.csv`; returns the files written (none if no valid query)."""
+    """`out_dir/worst_queries.png` + `worst_queries.csv`; returns the files written (none if no valid query).
+    `cfg`: the `evaluation` group (`EvaluationConfig`, or its config node, built here)."""
+    cfg = as_evaluation_config(cfg)
     png, csv = out_dir / "worst_queries.png", out_dir / "worst_queries.csv"
-    worst = draw_worst_queries(report, data, embeddings, png, int(cfg.worst_queries), int(cfg.grid_missed), title)
+    worst = draw_worst_queries(report, data, embeddings, png, cfg.worst_queries, cfg.grid_missed, title)
     if worst is None:
         return []
     write_csv_atomic(worst_queries_table(worst, data), csv)

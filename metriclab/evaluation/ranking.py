@@ -1,0 +1,87 @@
+"""Ranks under the pessimistic tie rule and kNN votes, vectorised over a block of queries.
+
+The rule (the engine's docstring): within a group of equal distances the wrong items come before the true matches,
+and among items of the same kind the lower gallery index comes first.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def count_le_in_sorted_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each (row, value): how many entries of sorted_rows[row] are <= value (vectorised binary search)."""
+    n_cols = sorted_rows.shape[1]
+    flat = sorted_rows.reshape(-1)
+    base = rows * n_cols
+    lo = np.zeros(len(rows), dtype=np.int64)
+    hi = np.full(len(rows), n_cols, dtype=np.int64)
+    for _ in range(int(math.ceil(math.log2(n_cols + 1))) + 1):
+        active = lo < hi
+        if not active.any():
+            break
+        mid = (lo + hi) >> 1
+        go_right = flat[base + np.minimum(mid, n_cols - 1)] <= values
+        lo = np.where(active & go_right, mid + 1, lo)
+        hi = np.where(active & ~go_right, mid, hi)
+    return lo
+
+
+def pessimistic_ranks(
+    rows: np.ndarray, values: np.ndarray, sorted_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranks of the true matches (rows, their distance keys) given each row's sorted keys of all non-excluded items.
+
+    Returns rows, k (0-based position among the row's true matches) and rank (1-based), grouped by row, k ascending.
+    rank_k = (k + 1) + #wrong items with key <= key_k (wrong items first in ties).
+    """
+    order = np.lexsort((values, rows))
+    rows, values = rows[order], values[order]
+    n = len(rows)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    row_counts = np.bincount(rows, minlength=sorted_rows.shape[0])
+    row_first = np.cumsum(row_counts) - row_counts
+    k = np.arange(n, dtype=np.int64) - row_first[rows]
+    # true matches with key <= own key (the whole tie group of true matches counts)
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+    group_id = np.cumsum(new_group) - 1
+    group_end = np.append(np.flatnonzero(new_group)[1:], n)
+    true_le = group_end[group_id] - row_first[rows]
+    all_le = count_le_in_sorted_rows(sorted_rows, rows, values)
+    rank = all_le - true_le + k + 1
+    return rows, k, rank
+
+
+def order_topk(vals: np.ndarray, ids: np.ndarray, is_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder each row by (distance, wrong-before-true, gallery index): the pessimistic rule within ties."""
+    n_rows, k = vals.shape
+    row_ids = np.repeat(np.arange(n_rows), k)
+    order = np.lexsort((ids.ravel(), is_true.ravel(), vals.ravel(), row_ids)).reshape(n_rows, k)
+    order -= (np.arange(n_rows) * k)[:, None]
+    return np.take_along_axis(vals, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def knn_correct(top_labels: np.ndarray, top_valid: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """Majority vote of the first k valid labels; among tied labels the one occurring nearest wins."""
+    n_rows = top_labels.shape[0]
+    k = min(k, top_labels.shape[1])
+    out = np.zeros(n_rows, dtype=bool)
+    chunk = max(1, 16_000_000 // max(1, k * k))
+    for a in range(0, n_rows, chunk):
+        lab = top_labels[a : a + chunk, :k]
+        ok = top_valid[a : a + chunk, :k]
+        # votes[i, p] = how many of the first k valid items share the label at position p
+        same = (lab[:, :, None] == lab[:, None, :]) & ok[:, None, :] & ok[:, :, None]
+        votes = same.sum(2)
+        winner = votes.argmax(1)  # first max = the nearest among tied labels
+        predicted = lab[np.arange(len(lab)), winner]
+        has_any = ok.any(1)
+        out[a : a + chunk] = has_any & (predicted == query_labels[a : a + chunk])
+    return out
+
+
+__all__ = ["count_le_in_sorted_rows", "knn_correct", "order_topk", "pessimistic_ranks"]

@@ -1,0 +1,31 @@
+"""Validation metrics: the validation rows split into queries and gallery, and the metric engine run over them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metriclab.data.datasets import ValidationData
+from metriclab.evaluation.engine import evaluate_retrieval
+from metriclab.evaluation.report import RetrievalReport
+from metriclab.evaluation.spec import EvaluationConfigLike, RetrievalSide, RetrievalSpec
+
+
+def evaluate_validation(embeddings: torch.Tensor, data: ValidationData, cfg: EvaluationConfigLike) -> RetrievalReport:
+    """Metrics for validation embeddings in dataset row order. `cfg`: the `evaluation` group, built
+    (`EvaluationConfig`) or as its config node (a DictConfig or dict, built here: an unknown key is an error).
+
+    A row is a query, a gallery item or both; its dataset row number is its id on both sides, so a row is never
+    compared with itself, and rows of one `sequence` are never compared with each other."""
+    spec = RetrievalSpec.from_config(cfg)
+    q = np.flatnonzero(data.is_query)
+    g = np.flatnonzero(data.is_gallery)
+    emb = embeddings.float()
+    seq = data.sequences
+    cats = data.categories
+    query = RetrievalSide(emb[q], data.labels[q], ids=q, sequences=None if seq is None else seq[q],
+                          categories=None if cats is None else cats[q])
+    gallery = RetrievalSide(emb[g], data.labels[g], ids=g, sequences=None if seq is None else seq[g])
+    return evaluate_retrieval(query, gallery, spec)
+
+
+__all__ = ["evaluate_validation"]
