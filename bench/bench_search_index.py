@@ -7,8 +7,9 @@ Measures, through the same `build_index` / `search` calls predict uses (euclidea
 - HNSW recall@10 against the exact (flat) top 10, for several efSearch values.
 
 Data (`--data`): `clustered` (default) = embedding-like points, `--classes` Gaussian clusters (class centres
-N(0, 1), per-image noise N(0, noise^2) per dimension, `--noise`, default 0.5) with queries drawn from the same classes; `random` = i.i.d. N(0, 1)
-vectors, the worst case for a graph index (no neighbourhood structure; real embeddings are never like this).
+N(0, 1), per-image noise N(0, noise^2) per dimension, `--noise`, default 0.5) with queries drawn from the same classes;
+`random` = i.i.d. N(0, 1) vectors, the worst case for a graph index (no neighbourhood structure; real embeddings
+are never like this).
 
     python bench/bench_search_index.py                                 # 100k x 512, clustered, 2 threads
     python bench/bench_search_index.py --noise 1.0                    # overlapping classes
@@ -32,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+
 from metriclab.core.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
 from metriclab.inference.search_index import IndexSpec, build_index, search  # noqa: E402
 
@@ -81,7 +83,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=1000, help="queries in the batch (default %(default)s)")
     parser.add_argument("--single", type=int, default=200, help="queries timed one at a time (default %(default)s)")
     parser.add_argument("--data", choices=["clustered", "random"], default="clustered")
-    parser.add_argument("--classes", type=int, default=2000, help="clusters of the clustered data (default %(default)s)")
+    parser.add_argument("--classes", type=int, default=2000,
+                        help="clusters of the clustered data (default %(default)s)")
     parser.add_argument("--noise", type=float, default=0.5,
                         help="clustered data: per-dimension noise std around the class centre (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="faiss/BLAS threads (default %(default)s)")

@@ -16,13 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-import metriclab.jobs.predict as predict_module
+import metriclab.inference.gallery as gallery_module
+from metriclab.core.checkpoint import CheckpointMeta
 from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
-from metriclab.models.extractors import build_extractor, load_checkpoint, load_extractor_weights
 from metriclab.core.paths import REPO_ROOT
-from metriclab.jobs.predict import collect_images, majority_vote, predict
+from metriclab.inference.gallery import collect_images
+from metriclab.inference.predictions import majority_vote
+from metriclab.jobs.predict import predict
 from metriclab.jobs.train import train
+from metriclab.models.extractors import build_extractor, load_checkpoint, load_extractor_weights
 from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
 
 K = 5
@@ -52,8 +55,8 @@ def reference_embeddings(ckpt: Path, paths) -> np.ndarray:
     from omegaconf import OmegaConf
     from oml.utils.images.images import imread_cv2
 
-    extractor = build_extractor(OmegaConf.create({**load_checkpoint(ckpt)["metriclab"]["extractor_cfg"],
-                                                  "weights": None}))
+    stored = CheckpointMeta.from_checkpoint(load_checkpoint(ckpt)).extractor_cfg
+    extractor = build_extractor(OmegaConf.create({**stored, "weights": None}))
     load_extractor_weights(extractor, ckpt)
     extractor.eval()
     transform = build(compose_cfg("predict", ["transforms=digits"]).transforms.val, "transforms.val")
@@ -143,13 +146,13 @@ def test_predictions_json_values_pictures_and_skipped(trained, tmp_path, caplog)
 
 def test_cache_hits_and_invalidation_count_gallery_embeddings(trained, tmp_path, monkeypatch):
     calls = []
-    real = predict_module.embed_dataset
+    real = gallery_module.embed_all
 
     def counting(model, dataset, *args, **kwargs):
         calls.append(len(dataset))
         return real(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "embed_dataset", counting)
+    monkeypatch.setattr(gallery_module, "embed_all", counting)
     query = str(trained["root"] / "validation/4")
     n_gallery = 18
 
@@ -204,7 +207,7 @@ def test_cache_hits_and_invalidation_count_gallery_embeddings(trained, tmp_path,
     # no checkpoint, a local extractor weights file: the same file hits, the file overwritten in place misses
     from omegaconf import OmegaConf
 
-    stored = load_checkpoint(trained["ckpt"])["metriclab"]["extractor_cfg"]
+    stored = CheckpointMeta.from_checkpoint(load_checkpoint(trained["ckpt"])).extractor_cfg
     extractor = build_extractor(OmegaConf.create({**stored, "weights": None}))
     weights = tmp_path / "extractor.pth"
     torch.save(extractor.state_dict(), weights)

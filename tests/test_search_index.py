@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
+from metriclab.core.schemas import IndexConfig
 from metriclab.inference.search_index import IndexSpec, build_index, key_of, load_or_build_gallery, search
 
 faiss.omp_set_num_threads(1)  # 2 shared cores; a single-threaded HNSW build is also reproducible
@@ -95,8 +97,12 @@ def test_bad_specs_and_inputs_name_the_key():
         IndexSpec(distance="manhattan")
     with pytest.raises(ConfigError, match="index.m"):
         IndexSpec(kind="hnsw", m=0)
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['efsearch'\]"):
-        IndexSpec.from_cfg(OmegaConf.create({"kind": "hnsw", "efsearch": 5}))
+    with pytest.raises(ConfigError, match=r"`index.efsearch` is not a key of `index`"):
+        build(OmegaConf.create({"kind": "hnsw", "efsearch": 5}), "index")
+    with pytest.raises(ConfigError, match="index.m"):  # the schema checks the type, IndexSpec the value
+        IndexSpec.from_config(IndexConfig(kind="hnsw", m=-1))
+    spec = IndexSpec.from_config(build(OmegaConf.create({"kind": "hnsw", "ef_search": 7}), "index"), "cosine")
+    assert spec == IndexSpec(kind="hnsw", distance="cosine", m=32, ef_construction=200, ef_search=7)
     spec = IndexSpec()
     index = build_index(np.eye(3, dtype=np.float32), spec)
     with pytest.raises(ConfigError, match="k=4 but the gallery has only 3"):

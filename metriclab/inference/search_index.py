@@ -28,18 +28,18 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import faiss
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
-from metriclab.core.errors import ConfigError
 from metriclab.core.atomic import atomic_write, write_csv_atomic, write_json_atomic
+from metriclab.core.constants import CLASS_NAME_COLUMN, DISTANCES
+from metriclab.core.errors import ConfigError
+from metriclab.core.schemas import IndexConfig
 
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "hnsw")
-DISTANCES = ("euclidean", "cosine")
 #: Bump when the cache layout or the meaning of a key part changes: old entries are then ignored.
 CACHE_FORMAT = 1
-GALLERY_COLUMNS = ("path", "label", "class_name")
+GALLERY_COLUMNS = ("path", "label", CLASS_NAME_COLUMN)
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,11 @@ class IndexSpec:
                 raise ConfigError(f"`index.{name}` must be a positive integer, got {value!r}")
 
     @classmethod
-    def from_cfg(cls, node: Optional[DictConfig], distance: str = "euclidean") -> "IndexSpec":
-        values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        unknown = sorted(set(values) - {"kind", "m", "ef_construction", "ef_search"})
-        if unknown:
-            raise ConfigError(f"`index` has unknown key(s) {unknown}; allowed: kind, m, ef_construction, ef_search")
-        return cls(distance=distance, **values)
+    def from_config(cls, index: IndexConfig, distance: str = "euclidean") -> "IndexSpec":
+        """From the built `index` group (`metriclab.core.config.build(cfg.index, "index")`, which rejects unknown
+        keys and wrong types) and the job's distance; the values are checked here."""
+        return cls(kind=index.kind, distance=distance, m=index.m, ef_construction=index.ef_construction,
+                   ef_search=index.ef_search)
 
     def key_parts(self) -> Dict[str, Any]:
         """The fields that change the index (HNSW parameters mean nothing to a flat index)."""
@@ -113,6 +112,7 @@ def build_index(embeddings: np.ndarray, spec: IndexSpec) -> faiss.Index:
     data = _prepare(embeddings, spec, "gallery embeddings")
     dim = data.shape[1]
     metric = faiss.METRIC_INNER_PRODUCT if spec.distance == "cosine" else faiss.METRIC_L2
+    index: Any  # faiss's SWIG classes: IndexFlat or IndexHNSWFlat
     if spec.kind == "flat":
         index = faiss.IndexFlat(dim, metric)
     else:
@@ -133,7 +133,8 @@ def search(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, k: int) -> 
         raise ValueError(f"query embeddings have {q.shape[1]} dimensions, the index {index.d}: same model?")
     if spec.kind == "hnsw":
         # efSearch below k makes HNSW return fewer than k results
-        index.hnsw.efSearch = max(int(spec.ef_search), int(k))
+        hnsw: Any = index  # an IndexHNSWFlat (spec.kind says so); faiss's stubs know only the base class
+        hnsw.hnsw.efSearch = max(int(spec.ef_search), int(k))
     raw, ids = index.search(q, int(k))
     ids = ids.astype(np.int64)
     if spec.distance == "cosine":
@@ -257,5 +258,5 @@ def load_or_build_gallery(
     return GalleryIndex(embeddings, table, index, spec, entry, loaded is not None, index_from_cache)
 
 
-__all__ = ["DISTANCES", "GalleryIndex", "INDEX_KINDS", "IndexSpec", "build_index", "file_sha256",
+__all__ = ["GALLERY_COLUMNS", "GalleryIndex", "INDEX_KINDS", "IndexSpec", "build_index", "file_sha256",
            "files_fingerprint", "key_of", "load_or_build_gallery", "search"]

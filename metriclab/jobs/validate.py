@@ -1,32 +1,39 @@
 """`validate(cfg)`: metrics of a model on the validation rows (query vs gallery), one tracked run.
 
+    python scripts/validate.py                         # the newest training run's best.ckpt, on its own dataset
+    python scripts/validate.py run=<run dir or MLflow run id>
+    python scripts/validate.py ckpt=<checkpoint> dataset.root=<dataset> transforms=<the training group>
+
 What is evaluated, in order of precedence:
 - `embeddings=<file.npz>`: precomputed embeddings (`embeddings` float32 N x D, `paths` = the CSV's validation rows);
 - `ckpt=<file>`: one of our training checkpoints (its extractor architecture is stored in it) or an extractor
   state dict for the configured `extractor`;
 - neither: the configured `extractor` with its own weights (a zoo key, a local path, or null = random init).
+An evaluation-only path: the images are embedded by metriclab.inference.embed (in the training run's precision),
+scored by metriclab.evaluation and published by metriclab.training.publish; no Lightning.
 """
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader
 
 from metriclab.core.atomic import atomic_write
 from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
 from metriclab.data.datasets import ValidationData, build_validation_data, read_dataset_csv
-from metriclab.evaluation.pictures import evaluate_validation, format_metrics_table
-from metriclab.training.publish import publish_validation
-from metriclab.models.extractors import build_extractor_for_inference
-from metriclab.training.module import MetricLearningModule
+from metriclab.evaluation.pictures import format_metrics_table
+from metriclab.evaluation.validation import evaluate_validation
+from metriclab.inference.embed import embed_all
+from metriclab.inference.model import load_extractor
+from metriclab.jobs.runs import resolve_run
 from metriclab.tracking.run import tracked_run
+from metriclab.training.publish import publish_validation
 
 
 def load_embeddings_npz(path: str | Path, data: ValidationData) -> torch.Tensor:
@@ -41,7 +48,8 @@ def load_embeddings_npz(path: str | Path, data: ValidationData) -> torch.Tensor:
     for key in ("embeddings", "paths"):
         if key not in npz.files:
             raise ConfigError(f"{path}: missing array `{key}` (found {npz.files}); expected `embeddings` (N x D "
-                              f"float32) and `paths` (the CSV's validation paths), as written by export_embeddings=true")
+                              f"float32) and `paths` (the CSV's validation paths), as written by "
+                              f"export_embeddings=true")
     emb, paths = npz["embeddings"], npz["paths"].astype(str)
     if emb.ndim != 2 or len(emb) != len(paths):
         raise ConfigError(f"{path}: `embeddings` must be N x D with N = len(paths) = {len(paths)}, got {emb.shape}")
@@ -61,44 +69,72 @@ def save_embeddings_npz(path: Path, embeddings: torch.Tensor, data: ValidationDa
                                             paths=data.paths.astype(str), labels=data.labels), ".npz")
 
 
+def seed_everything(seed: Any) -> None:
+    """Python, numpy and torch seeded alike (a random-init extractor is then the same every time)."""
+    if seed is None:
+        return
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+
+
+@dataclass
+class ValidationInputs:
+    """What validate reads, all checked before a tracked run is opened (a usage error opens none)."""
+
+    data: ValidationData
+    embeddings_file: Optional[Path] = None
+    ckpt: Optional[Path] = None
+
+
+def read_inputs(cfg: DictConfig) -> ValidationInputs:
+    """The validation rows (the CSV and its images checked), and the embeddings file or checkpoint that exists."""
+    root = Path(cfg.dataset.root)
+    data = build_validation_data(read_dataset_csv(root, cfg.dataset.csv), root,
+                                 build(cfg.transforms.val, "transforms.val"), cfg.dataset.cache_size)
+    if cfg.get("embeddings"):
+        path = Path(cfg.embeddings)
+        if not path.is_file():
+            raise ConfigError(f"embeddings={path} does not exist")
+        return ValidationInputs(data, embeddings_file=path)
+    ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
+    if ckpt is not None and not ckpt.is_file():
+        raise ConfigError(f"checkpoint {ckpt} does not exist: pass ckpt=<best.ckpt or last.ckpt of a training run>")
+    return ValidationInputs(data, ckpt=ckpt)
+
+
+def embed_validation_rows(cfg: DictConfig, inputs: ValidationInputs) -> Tuple[torch.Tensor, int, str]:
+    """(embeddings in row order, the epoch to publish under, what was evaluated) for the configured source."""
+    if inputs.embeddings_file is not None:
+        return load_embeddings_npz(inputs.embeddings_file, inputs.data), 0, f"embeddings {cfg.embeddings}"
+    extractor = load_extractor(cfg)
+    data = inputs.data
+    emb = embed_all(extractor.model, data.dataset, [str(data.root / p) for p in data.paths], "validation",
+                    int(cfg.batch_size_val), int(cfg.num_workers), extractor.precision)
+    source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor.constructor_cfg.get('weights')}"
+    return torch.from_numpy(emb), extractor.epoch, source
+
+
 def validate(cfg: DictConfig) -> Dict[str, Any]:
-    """Evaluate and log; returns run dir, metrics and tracker run id (on every DDP rank the same metrics)."""
+    """Evaluate and log; returns run dir, metrics, tracker run id, run name and the embeddings."""
     run_dir, run_name, overrides = job_identity(cfg)
+    cfg = resolve_run(cfg, overrides)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    is_main = rank_zero_only.rank == 0  # DDP children re-run this script: only rank 0 opens a run
-    with tracked_run(cfg, run_dir, run_name, overrides, is_main_process=is_main) as tracked:
-        df = read_dataset_csv(cfg.dataset.root, cfg.dataset.csv)
-        val_data = build_validation_data(df, Path(cfg.dataset.root), build(cfg.transforms.val, "transforms.val"),
-                                         cfg.dataset.cache_size)
-        embeddings: Optional[torch.Tensor] = None
-        if cfg.get("embeddings"):
-            embeddings = load_embeddings_npz(cfg.embeddings, val_data)
-            report = evaluate_validation(embeddings, val_data, cfg.evaluation)
-            publish_validation(report, embeddings, val_data, cfg.evaluation, tracked, run_dir, epoch=0)
-            metrics, source = {k: float(v) for k, v in report.metrics.items()}, f"embeddings {cfg.embeddings}"
-        else:
-            extractor, ckpt, built = build_extractor_for_inference(cfg.extractor, cfg.get("ckpt"),
-                                                                   cfg.get("extractor_from_ckpt", True))
-            epoch = int(ckpt.get("epoch", 0))
-            source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {built.get('weights')}"
-            loader = DataLoader(val_data.dataset, batch_size=cfg.batch_size_val, shuffle=False,
-                                num_workers=cfg.num_workers)
-            # the module hands the loader to Lightning, split across ranks under DDP
-            module = MetricLearningModule(extractor, torch.nn.Identity(), None, val_data, cfg.evaluation,
-                                          tracked=tracked if is_main else None, run_dir=run_dir if is_main else None,
-                                          val_loader=loader)
-            module.val_epoch_offset = epoch
-            trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False, callbacks=[],
-                                        default_root_dir=str(run_dir))
-            trainer.validate(module, verbose=False)
-            metrics, embeddings = module.last_metrics, module.last_embeddings
-        if is_main:
-            if cfg.get("export_embeddings"):
-                save_embeddings_npz(run_dir / "embeddings.npz", embeddings, val_data)
-            print(f"\n{run_name} on {cfg.dataset.root} ({source}):\n{format_metrics_table(metrics)}\n"
-                  f"run dir: {run_dir}")
-            tracked.log_artifact(run_dir / "metrics.json")
+    seed_everything(cfg.get("seed"))
+    evaluation = build(cfg.evaluation, "evaluation")  # EvaluationConfig: a misspelt key fails before the run
+    inputs = read_inputs(cfg)
+    with tracked_run(cfg, run_dir, run_name, overrides) as tracked:
+        embeddings, epoch, source = embed_validation_rows(cfg, inputs)
+        report = evaluate_validation(embeddings, inputs.data, evaluation)
+        publish_validation(report, embeddings, inputs.data, evaluation, tracked, run_dir, epoch=epoch)
+        metrics = {k: float(v) for k, v in report.metrics.items()}
+        if cfg.get("export_embeddings"):
+            save_embeddings_npz(run_dir / "embeddings.npz", embeddings, inputs.data)
+        print(f"\n{run_name} on {cfg.dataset.root} ({source}):\n{format_metrics_table(metrics)}\nrun dir: {run_dir}")
+        tracked.log_artifact(run_dir / "metrics.json")
         return {"run_dir": run_dir, "metrics": metrics, "mlflow_run_id": tracked.mlflow_run_id, "run_name": run_name,
                 "embeddings": embeddings}
+
+
+__all__ = ["load_embeddings_npz", "save_embeddings_npz", "validate"]

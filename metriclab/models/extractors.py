@@ -1,28 +1,49 @@
 """Build OML extractors from config (with checks OML does not make) and load their weights from our checkpoints."""
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metriclab.core.config import build
+from metriclab.core.checkpoint import CheckpointMeta
+from metriclab.core.config import build, build_plain
 from metriclab.core.errors import ConfigError
 
-#: Keys of the `extractor` group that configure training, not the extractor's constructor.
-TRAINING_KEYS = ("freeze_bn", "trainable")
+
+@dataclass
+class ExtractorTrainingOptions:
+    """The keys of the `extractor` group that configure training, not the extractor's constructor: the one place
+    they are declared. Everything else in the group goes to the constructor (`_target_`)."""
+
+    freeze_bn: bool = False  #: keep BatchNorm statistics and affine params fixed
+    trainable: Optional[List[str]] = None  #: sub-modules that train; None = all
+
+
+#: their names, removed before the constructor is built
+TRAINING_KEYS = tuple(f.name for f in fields(ExtractorTrainingOptions))
 
 
 def extractor_constructor_cfg(node: DictConfig) -> DictConfig:
     """The constructor part of the `extractor` node (training keys removed)."""
     cfg = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(cfg, dict), f"the extractor config is a mapping, got {type(cfg).__name__}"
     for key in TRAINING_KEYS:
         cfg.pop(key, None)
     return OmegaConf.create(cfg)
 
 
+def extractor_training_options(node: DictConfig, key: str = "extractor") -> ExtractorTrainingOptions:
+    """The training part of the `extractor` node, type-checked (a wrong type names the key)."""
+    values = {k: node[k] for k in TRAINING_KEYS if k in node}
+    return build_plain(OmegaConf.create(values), key, ExtractorTrainingOptions)
+
+
 def build_extractor(node: DictConfig, key: str = "extractor") -> torch.nn.Module:
+    """The extractor the `extractor` node describes, built by `metriclab.core.config.build` (its class's signature is
+    the schema), after checks OML makes with bare asserts or not at all (architecture name, weights)."""
     cfg = extractor_constructor_cfg(node)
     try:
         from hydra.utils import get_class
@@ -97,7 +118,7 @@ def build_extractor_for_inference(
     if not ckpt_path:
         return build_extractor(node), {}, node
     ckpt = load_checkpoint(ckpt_path)  # read once: it can be hundreds of MB
-    stored = (ckpt.get("metriclab") or {}).get("extractor_cfg")
+    stored = CheckpointMeta.from_checkpoint(ckpt).extractor_cfg
     if stored and extractor_from_ckpt:  # the weights come from the checkpoint, not the zoo
         node = OmegaConf.create({**stored, "weights": None})
     extractor = build_extractor(node)
