@@ -49,14 +49,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+
 import metriclab.core.config  # noqa: E402,F401  (registers the repo_root resolver the configs use)
 import metriclab.jobs.train as train_mod  # noqa: E402
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
 from metriclab.core.atomic import markdown_subsections, replace_markdown_section  # noqa: E402
 from metriclab.core.config import build  # noqa: E402
+from metriclab.core.paths import CONFIGS_DIR  # noqa: E402
 from metriclab.data.datasets import TrainData, build_train_data, read_dataset_csv  # noqa: E402
 from metriclab.training.module import MetricLearningModule  # noqa: E402
-from metriclab.core.paths import CONFIGS_DIR  # noqa: E402
 
 SECTION = "## Training speed"
 TARGET_RATIO = 0.95
@@ -365,11 +366,11 @@ def build_with_direct_runtime(node, key: str, **runtime: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import get_object, instantiate
 
-    from metriclab.core.config import ConfigError, _signature_params
+    from metriclab.core.config import runtime_kwargs
+    from metriclab.core.errors import ConfigError
 
     target = get_object(node._target_)
-    params = _signature_params(target)
-    extra = {k: v for k, v in runtime.items() if k in params and k not in node}
+    extra = runtime_kwargs(target, runtime, node)
     convert = {} if "_convert_" in node else {"_convert_": "all"}
     try:
         if not extra:

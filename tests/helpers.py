@@ -63,6 +63,11 @@ def fast_overrides(tmp_path: Path, dataset_root: Optional[Path] = None) -> List[
     return out
 
 
+def validate_overrides(tmp_path: Path, dataset_root: Optional[Path] = None) -> List[str]:
+    """fast_overrides for validate, which has no trainer (it embeds and evaluates without Lightning)."""
+    return [o for o in fast_overrides(tmp_path, dataset_root) if not o.startswith("trainer.")]
+
+
 def compose_cfg(config_name: str, overrides: List[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):

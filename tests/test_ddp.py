@@ -26,19 +26,18 @@ def test_ddp_training_is_one_run_and_validation_matches_one_process(tmp_path, ti
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]  # rank 1 opened no run of its own
-    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/mAP")) == [0, 1]
+    history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "val/mAP")}
+    assert sorted(history) == [0, 1]
     run_dir = next((tmp_path / "outputs" / "train").glob("*/checkpoints/best.ckpt")).parent.parent
-    assert (run_dir / "train_ddp_process_1.log").exists()
+    assert (run_dir / "train_ddp_process_1.log").exists()  # really 2 processes
 
-    metrics = {}
-    for devices in (1, 2):  # `trainer.devices=2` on the default CPU trainer: Lightning DDP, 2 processes
-        out = tmp_path / f"validate_{devices}"
-        _run(["scripts/validate.py", f"paths.outputs_dir={out}", f"trainer.devices={devices}", "transforms=digits",
-              f"dataset.root={tiny_dataset}", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}",
-              "evaluation.tsne=false", "num_threads=1", "trainer.enable_progress_bar=false"])
-        metrics[devices] = json.loads(next(out.glob("validate/*/metrics.json")).read_text())
-        if devices == 2:
-            assert list(out.glob("validate/*/*_ddp_process_1.log"))  # really 2 processes
-    assert metrics[2].keys() == metrics[1].keys()
-    assert metrics[2] == pytest.approx(metrics[1], abs=1e-6)
-    assert metrics[1]["n_queries"] == 18
+    # the last epoch's validation under DDP (each rank embeds half the rows, the rows are gathered and the padding
+    # repeats dropped) gives the numbers one process gets from the same weights
+    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "validate"
+    _run(["scripts/validate.py", f"paths.outputs_dir={out}", "transforms=digits", f"dataset.root={tiny_dataset}",
+          f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "evaluation.tsne=false", "num_threads=1"])
+    one_process = json.loads(next(out.glob("validate/*/metrics.json")).read_text())
+    assert one_process["n_queries"] == 18 and ddp_metrics.keys() == one_process.keys()
+    assert ddp_metrics == pytest.approx(one_process, abs=1e-6)
+    assert history[1] == pytest.approx(one_process["mAP"], abs=1e-6)

@@ -47,8 +47,8 @@ def test_digits_convert_with_the_fruit_converter(digits_root):
 @pytest.mark.slow
 def test_digits_demo_learns(digits_root, tmp_path):
     """The demo config end to end (~1.5 min): mAP and precision@50 far above random init."""
-    from metriclab.jobs.demo import run_demo
     from converters.common import write_csv_atomically
+    from metriclab.jobs.demo import run_demo
     from tests.helpers import compose_cfg
 
     root, _ = digits_root

@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from metriclab.models.freezing import (
-    FreezeBackbone,
     freeze_batchnorm,
     is_bn_frozen,
     keep_frozen_bn_in_eval,
@@ -20,6 +19,7 @@ from metriclab.models.freezing import (
     set_trainable,
 )
 from metriclab.models.losses import SoftmaxLoss
+from metriclab.training.callbacks import FreezeBackbone
 
 torch.set_num_threads(1)
 
@@ -59,6 +59,33 @@ def _changed(before, after):
 def _is_bn_key(model, key):
     owner = model.get_submodule(key.rsplit(".", 1)[0])
     return isinstance(owner, nn.BatchNorm2d)
+
+
+def _bns(module):
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_freeze_batchnorm_puts_every_bn_in_eval_mode_at_once():
+    """Checked before any forward: the forward pre-hook would otherwise hide a freeze that left train mode on."""
+    model = _resnet()
+    model.train()
+    freeze_batchnorm(model)
+    assert len(_bns(model)) == 20
+    assert all(not bn.training for bn in _bns(model))
+    assert all(not p.requires_grad for bn in _bns(model) for p in bn.parameters())
+    assert model.training and model.model.layer1.training and model.model.conv1.weight.requires_grad
+
+
+def test_set_trainable_puts_the_frozen_bns_in_eval_mode_at_once():
+    """Checked before any forward, as above: BNs outside the trainable blocks are in eval mode, the others train."""
+    model = _resnet()
+    model.train()
+    set_trainable(model, ["layer4"])
+    inside = _bns(model.model.layer4)
+    outside = [bn for bn in _bns(model) if all(bn is not b for b in inside)]
+    assert len(inside) == 5 and len(outside) == 15  # layer4: 2 blocks x 2 BNs + the downsample BN
+    assert all(not bn.training and not bn.weight.requires_grad and not bn.bias.requires_grad for bn in outside)
+    assert all(bn.training and bn.weight.requires_grad for bn in inside)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from metriclab.core.errors import ConfigError
 from metriclab.jobs.train import train
 from metriclab.jobs.validate import validate
-from tests.helpers import compose_cfg, fast_overrides
+from tests.helpers import compose_cfg, fast_overrides, validate_overrides
 
 TRAIN_OVERRIDES = ["criterion=triplet_hard", "sampler=balance", "sampler.n_labels=4", "sampler.n_instances=3",
                    "trainer.max_epochs=2", "optimizer.lr=1e-3"]
@@ -63,7 +63,7 @@ def test_train_then_validate_one_clean_run_each(tmp_path, tiny_dataset):
 
     # validate the best checkpoint: same numbers as the epoch it was saved at
     best_value = max(m.value for m in history)
-    vcfg = compose_cfg("validate", fast_overrides(tmp_path, tiny_dataset) +
+    vcfg = compose_cfg("validate", validate_overrides(tmp_path, tiny_dataset) +
                        [f"ckpt={result['best_ckpt']}", f"paths.run_dir={tmp_path}/val"])
     vres = validate(vcfg)
     assert vres["metrics"]["mAP"] == pytest.approx(best_value, abs=1e-6)
@@ -74,25 +74,31 @@ def test_train_then_validate_one_clean_run_each(tmp_path, tiny_dataset):
     assert json.loads((tmp_path / "val" / "metrics.json").read_text())["mAP"] == pytest.approx(best_value, abs=1e-6)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("extractor.arch=resnet999", "extractor.arch=resnet999"),
-    ("dataset.csv=missing.csv", "missing.csv does not exist"),
-    ("metric_for_checkpointing=cmc@3", None),  # rejected before any run exists
-    ("criterion.marginn=0.1", "marginn"),
+@pytest.mark.parametrize("override, message, opens_run", [
+    ("extractor.arch=resnet999", "extractor.arch=resnet999", True),
+    ("dataset.csv=missing.csv", "missing.csv does not exist", False),  # the CSV is read before the run opens
+    ("metric_for_checkpointing=cmc@3", "metric_for_checkpointing=cmc@3 is not computed", False),
+    ("+criterion.marginn=0.1", "marginn", True),
 ])
-def test_failures_name_the_problem_and_leave_no_running_run(tmp_path, tiny_dataset, override, message):
-    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES + [
-        override if not override.startswith("criterion.marginn") else "+criterion.marginn=0.1"])
+def test_failures_name_the_problem_and_leave_no_running_run(tmp_path, tiny_dataset, override, message, opens_run):
+    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES + [override])
     with pytest.raises(ConfigError) as err:
         train(cfg)
-    if message:
-        assert message in str(err.value)
+    assert message in str(err.value)
     db = tmp_path / "outputs" / "mlflow.db"
-    if message is None:
-        assert "cmc@3" in str(err.value)
+    if not opens_run:  # found before the run: no MLflow store, no run folder
+        assert not db.exists() and not (tmp_path / "run").exists()
         return
     runs = _client(tmp_path).search_runs([e.experiment_id for e in _client(tmp_path).search_experiments()])
     assert db.exists() and len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+def test_a_missing_resume_checkpoint_opens_no_run(tmp_path, tiny_dataset):
+    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + TRAIN_OVERRIDES +
+                      [f"resume={tmp_path}/old_run"])
+    with pytest.raises(ConfigError, match=r"resume=.*old_run: .*last.ckpt does not exist"):
+        train(cfg)
+    assert not (tmp_path / "outputs" / "mlflow.db").exists() and not (tmp_path / "old_run").exists()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def trained(tmp_path_factory):
 
 def test_exported_embeddings_validate_to_the_same_numbers(trained, tmp_path):
     tmp, root, result = trained
-    base = fast_overrides(tmp_path, root)
+    base = validate_overrides(tmp_path, root)
     v1 = validate(compose_cfg("validate", base + [f"ckpt={result['last_ckpt']}", "export_embeddings=true",
                                                   "evaluation.tsne_max_points=50"]))
     npz = tmp_path / "run" / "embeddings.npz"
@@ -124,7 +130,7 @@ def test_bad_validation_inputs_are_clear_errors(trained, tmp_path):
     import numpy as np
 
     tmp, root, result = trained
-    base = fast_overrides(tmp_path, root)
+    base = validate_overrides(tmp_path, root)
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello")
     with pytest.raises(ConfigError, match="not a checkpoint"):
@@ -164,7 +170,7 @@ def test_validate_accepts_an_extractor_state_dict_and_rejects_bad_weights(traine
     import torch
 
     tmp, root, result = trained
-    base = fast_overrides(tmp_path, root)
+    base = validate_overrides(tmp_path, root)
     sd = torch.load(result["last_ckpt"], weights_only=True)["state_dict"]
     weights = tmp_path / "extractor.pth"  # what a user exports: the extractor alone, no loss weights
     torch.save({k[len("extractor."):]: v for k, v in sd.items() if k.startswith("extractor.")}, weights)
@@ -174,7 +180,8 @@ def test_validate_accepts_an_extractor_state_dict_and_rejects_bad_weights(traine
         validate(compose_cfg("validate", base + [f"ckpt={weights}", "extractor=resnet50", "evaluation.tsne=false",
                                                  f"paths.run_dir={tmp_path}/r2"]))
     with pytest.raises(ConfigError, match="neither a zoo key"):
-        validate(compose_cfg("validate", base + ["extractor.weights=resnet18_imagenet9k", f"paths.run_dir={tmp_path}/r3"]))
+        validate(compose_cfg("validate", base + ["extractor.weights=resnet18_imagenet9k",
+                                                 f"paths.run_dir={tmp_path}/r3"]))
 
 
 @pytest.mark.parametrize("option", ["channels_last=true", "trainer.precision=bf16-mixed"])

@@ -7,8 +7,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from metriclab.core.errors import ConfigError
-from metriclab.models.extractors import build_extractor
 from metriclab.jobs.train import train
+from metriclab.models.extractors import build_extractor
 from tests.helpers import compose_cfg, fast_overrides
 
 BASE = ["sampler.n_labels=4", "sampler.n_instances=3", "optimizer.lr=1e-2"]
@@ -83,3 +83,26 @@ def test_the_last_epoch_is_always_validated(tmp_path, tiny_dataset, every, epoch
     best_epoch = min(step for step, value in history.items() if value == max(history.values()))
     assert torch.load(result["best_ckpt"], weights_only=True)["epoch"] == best_epoch
     assert (result["run_dir"] / "worst_queries" / f"epoch_{epochs - 1:03d}" / "worst_queries.png").exists()
+
+
+def test_validate_before_training_publishes_the_untrained_model_under_init(tmp_path, tiny_dataset):
+    import json
+
+    from metriclab.core.checkpoint import CheckpointMeta
+
+    cfg = compose_cfg("train", fast_overrides(tmp_path, tiny_dataset) + BASE + [
+        "validate_before_training=true", "trainer.max_epochs=1", "extractor.freeze_bn=true"])
+    result = train(cfg)
+    run_dir, init = result["run_dir"], result["init_metrics"]
+    assert set(init) == set(result["metrics"]) and 0.0 < init["mAP"] <= 1.0
+    assert json.loads((run_dir / "metrics_init.json").read_text()) == pytest.approx(init)
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(result["metrics"])  # the trained one
+    assert _history(tmp_path, result["mlflow_run_id"], "init/mAP") == {0: pytest.approx(init["mAP"])}
+    assert _history(tmp_path, result["mlflow_run_id"], "val/mAP") == {0: pytest.approx(result["metrics"]["mAP"])}
+    assert (run_dir / "worst_queries" / "init" / "worst_queries.png").exists()
+    assert (run_dir / "worst_queries" / "epoch_000" / "worst_queries.png").exists()
+    # the checkpoint names its run, its folder and the extractor's constructor (training-only keys left out)
+    meta = CheckpointMeta.from_checkpoint(torch.load(result["last_ckpt"], weights_only=True))
+    assert meta.mlflow_run_id == result["mlflow_run_id"] and meta.run_dir == str(run_dir)
+    assert meta.extractor_cfg["_target_"] == "oml.models.ResnetExtractor" and meta.extractor_cfg["arch"] == "resnet18"
+    assert "freeze_bn" not in meta.extractor_cfg and "trainable" not in meta.extractor_cfg

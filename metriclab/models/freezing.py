@@ -1,7 +1,8 @@
-"""Freezing: BatchNorm in eval mode, only named sub-modules trainable, backbone frozen for the first N epochs.
+"""Freezing: BatchNorm in eval mode, only named sub-modules trainable, the backbone frozen around a head.
 
-OML has none of this that works under Lightning 2 (docs/oml-notes §5): no BatchNorm handling, and
-``ExtractorModule(freeze_n_epochs=...)`` lives in a PL 1.x hook that is never called.
+OML has none of this that works under Lightning 2: no BatchNorm handling, and ``ExtractorModule(freeze_n_epochs=...)``
+lives in a PL 1.x hook that Lightning 2 never calls. The per-epoch schedule (``freeze_n_epochs``) is the
+``FreezeBackbone`` callback in ``metriclab.training.callbacks``; this module holds the pure helpers it uses.
 
 How a BatchNorm layer stays frozen: it carries a set of reasons (``freeze_bn``, ``set_trainable``,
 ``freeze_backbone``) and a forward pre-hook that switches it to eval mode while the set is non-empty, so running
@@ -19,11 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
-import pytorch_lightning as pl
-from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
-
-from metriclab.core.compat import ddp_finds_unused_parameters
 
 #: every BatchNorm layer torch has (their common base class is private)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
@@ -42,11 +39,11 @@ def _keep_bn_eval_hook(module: nn.Module, args: tuple) -> None:
         module.train(False)
 
 
-def _batchnorm_layers(module: nn.Module) -> List[nn.Module]:
+def batchnorm_layers(module: nn.Module) -> List[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BATCHNORM_TYPES)]
 
 
-def _freeze_bn_layer(bn: nn.Module, reason: str) -> None:
+def freeze_bn_layer(bn: nn.Module, reason: str) -> None:
     reasons: Optional[Set[str]] = getattr(bn, _REASONS_ATTR, None)
     if reasons is None:
         reasons = set()
@@ -58,7 +55,7 @@ def _freeze_bn_layer(bn: nn.Module, reason: str) -> None:
         param.requires_grad_(False)
 
 
-def _unfreeze_bn_layer(bn: nn.Module, reason: str, training: bool) -> None:
+def unfreeze_bn_layer(bn: nn.Module, reason: str, training: bool) -> None:
     """Drop one reason; if none is left, the layer trains again (affine params trainable, mode = `training`)."""
     reasons: Optional[Set[str]] = getattr(bn, _REASONS_ATTR, None)
     if reasons is None:
@@ -79,9 +76,9 @@ def freeze_batchnorm(module: nn.Module) -> int:
 
     Returns the number of layers frozen (0 for a ViT, whose norms are LayerNorms without running statistics).
     """
-    layers = _batchnorm_layers(module)
+    layers = batchnorm_layers(module)
     for bn in layers:
-        _freeze_bn_layer(bn, REASON_FREEZE_BN)
+        freeze_bn_layer(bn, REASON_FREEZE_BN)
     if layers:
         log.info("freeze_bn: %d BatchNorm layers frozen (eval mode, statistics and affine params fixed)", len(layers))
     else:
@@ -91,7 +88,7 @@ def freeze_batchnorm(module: nn.Module) -> int:
 
 def keep_frozen_bn_in_eval(module: nn.Module) -> None:
     """Put the frozen BatchNorm layers back in eval mode now (after `module.train()`); the forward hook also does it."""
-    for bn in _batchnorm_layers(module):
+    for bn in batchnorm_layers(module):
         if is_bn_frozen(bn):
             bn.train(False)
 
@@ -131,13 +128,13 @@ def resolve_submodule_names(module: nn.Module, names: Iterable[str]) -> List[str
 
 def params_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
     """ids of the parameters of `module`'s sub-modules named by `prefixes` (resolved dotted names)."""
-    ids = set()
+    ids: Set[int] = set()
     for prefix in prefixes:
         ids.update(id(p) for p in module.get_submodule(prefix).parameters())
     return ids
 
 
-def _modules_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
+def modules_under(module: nn.Module, prefixes: Sequence[str]) -> Set[int]:
     """ids of the sub-modules named by `prefixes` and of every module inside them."""
     return {id(m) for prefix in prefixes for m in module.get_submodule(prefix).modules()}
 
@@ -151,23 +148,23 @@ def set_trainable(module: nn.Module, names: Optional[Sequence[str]]) -> List[str
     if names is None:
         for param in module.parameters():
             param.requires_grad_(True)
-        for bn in _batchnorm_layers(module):
-            _unfreeze_bn_layer(bn, REASON_SET_TRAINABLE, training=module.training)
-        _refreeze_bn_params(module)
+        for bn in batchnorm_layers(module):
+            unfreeze_bn_layer(bn, REASON_SET_TRAINABLE, training=module.training)
+        refreeze_bn_params(module)
         return []
     if isinstance(names, str):
         names = [names]
     resolved = resolve_submodule_names(module, names)
     trainable_ids = params_under(module, resolved)
-    trainable_bn_ids = _modules_under(module, resolved)
+    trainable_bn_ids = modules_under(module, resolved)
     for param in module.parameters():
         param.requires_grad_(id(param) in trainable_ids)
-    for bn in _batchnorm_layers(module):
+    for bn in batchnorm_layers(module):
         if id(bn) in trainable_bn_ids:
-            _unfreeze_bn_layer(bn, REASON_SET_TRAINABLE, training=module.training)
+            unfreeze_bn_layer(bn, REASON_SET_TRAINABLE, training=module.training)
         else:
-            _freeze_bn_layer(bn, REASON_SET_TRAINABLE)
-    _refreeze_bn_params(module)
+            freeze_bn_layer(bn, REASON_SET_TRAINABLE)
+    refreeze_bn_params(module)
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in module.parameters())
     if n_trainable == 0:
@@ -176,91 +173,37 @@ def set_trainable(module: nn.Module, names: Optional[Sequence[str]]) -> List[str
     return resolved
 
 
-def _refreeze_bn_params(module: nn.Module) -> None:
+def refreeze_bn_params(module: nn.Module) -> None:
     """BN layers frozen for any reason keep requires_grad=False, whatever order the freezing calls came in."""
-    for bn in _batchnorm_layers(module):
+    for bn in batchnorm_layers(module):
         if is_bn_frozen(bn):
             for param in bn.parameters(recurse=False):
                 param.requires_grad_(False)
 
 
-class FreezeBackbone(pl.Callback):
-    """Freeze the extractor except its `head` sub-modules for the first `n_epochs` epochs, then unfreeze.
+def freeze_backbone(module: nn.Module, head: Sequence[str]) -> Dict[str, bool]:
+    """Freeze `module` except its `head` sub-modules (resolved dotted names): parameters get requires_grad=False,
+    BatchNorm layers outside the head are held in eval mode. Returns each parameter's previous requires_grad, for
+    `unfreeze_backbone`."""
+    head_param_ids = params_under(module, head)
+    head_module_ids = modules_under(module, head)
+    saved = {name: p.requires_grad for name, p in module.named_parameters()}
+    for param in module.parameters():
+        if id(param) not in head_param_ids:
+            param.requires_grad_(False)
+    for bn in batchnorm_layers(module):
+        if id(bn) not in head_module_ids:
+            freeze_bn_layer(bn, REASON_FREEZE_BACKBONE)
+    return saved
 
-    Parameters frozen here get ``requires_grad=False`` and BatchNorm layers outside the head are held in eval mode;
-    at epoch ``n_epochs`` the previous state is restored exactly, so ``set_trainable`` and ``freeze_batchnorm``
-    choices survive. The loss's parameters are not in the extractor and always train. Decided per epoch from
-    ``trainer.current_epoch``, so a resumed run freezes (or not) correctly. The extractor is
-    ``pl_module.<extractor_attr>``; by default the first of ``extractor`` / ``model`` that exists.
 
-    The optimizer may be built before the first epoch with every then-trainable parameter: frozen ones get no
-    gradient and are skipped. Under DDP this needs ``find_unused_parameters=True`` (checked in ``setup``).
-    """
-
-    def __init__(self, n_epochs: int, head: Optional[Sequence[str]] = None, extractor_attr: Optional[str] = None):
-        if isinstance(n_epochs, bool) or int(n_epochs) != n_epochs or n_epochs < 0:
-            raise ValueError(f"freeze_n_epochs must be an integer >= 0, got {n_epochs!r}")
-        self.n_epochs = int(n_epochs)
-        self.head = [head] if isinstance(head, str) else (list(head) if head is not None else [])
-        self.extractor_attr = extractor_attr
-        self._saved_requires_grad: Optional[Dict[str, bool]] = None
-
-    @property
-    def is_frozen(self) -> bool:
-        return self._saved_requires_grad is not None
-
-    def _extractor(self, pl_module: nn.Module) -> nn.Module:
-        attrs = [self.extractor_attr] if self.extractor_attr else ["extractor", "model"]
-        for attr in attrs:
-            candidate = getattr(pl_module, attr, None)
-            if isinstance(candidate, nn.Module):
-                return candidate
-        raise AttributeError(f"FreezeBackbone: {type(pl_module).__name__} has no extractor attribute among {attrs}")
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        resolve_submodule_names(self._extractor(pl_module), self.head)  # fail on a bad name before training starts
-        strategy = getattr(trainer, "strategy", None)
-        if (self.n_epochs > 0 and isinstance(strategy, DDPStrategy)
-                and not ddp_finds_unused_parameters(strategy)):
-            # DDP registers every parameter at wrap time and waits for its gradient: frozen ones never come.
-            raise ValueError(
-                "freeze_n_epochs > 0 under DDP needs find_unused_parameters=True "
-                "(trainer strategy `ddp_find_unused_parameters_true`), otherwise DDP fails in the first frozen step"
-            )
-
-    def freeze(self, extractor: nn.Module) -> None:
-        if self.is_frozen:
-            return
-        head = resolve_submodule_names(extractor, self.head)
-        head_param_ids = params_under(extractor, head)
-        head_module_ids = _modules_under(extractor, head)
-        self._saved_requires_grad = {name: p.requires_grad for name, p in extractor.named_parameters()}
-        for param in extractor.parameters():
-            if id(param) not in head_param_ids:
-                param.requires_grad_(False)
-        for bn in _batchnorm_layers(extractor):
-            if id(bn) not in head_module_ids:
-                _freeze_bn_layer(bn, REASON_FREEZE_BACKBONE)
-        log.info("freeze_n_epochs=%d: backbone frozen (trainable head: %s)", self.n_epochs, head or "none")
-
-    def unfreeze(self, extractor: nn.Module) -> None:
-        if not self.is_frozen:
-            return
-        for bn in _batchnorm_layers(extractor):
-            _unfreeze_bn_layer(bn, REASON_FREEZE_BACKBONE, training=extractor.training)
-        for name, param in extractor.named_parameters():
-            param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
-        _refreeze_bn_params(extractor)
-        self._saved_requires_grad = None
-        log.info("freeze_n_epochs=%d reached: backbone unfrozen", self.n_epochs)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        extractor = self._extractor(pl_module)
-        if trainer.current_epoch < self.n_epochs:
-            self.freeze(extractor)
-        else:
-            self.unfreeze(extractor)
-        keep_frozen_bn_in_eval(extractor)
+def unfreeze_backbone(module: nn.Module, saved: Dict[str, bool]) -> None:
+    """Undo `freeze_backbone` exactly: `set_trainable` and `freeze_batchnorm` choices made before it survive."""
+    for bn in batchnorm_layers(module):
+        unfreeze_bn_layer(bn, REASON_FREEZE_BACKBONE, training=module.training)
+    for name, param in module.named_parameters():
+        param.requires_grad_(saved.get(name, param.requires_grad))
+    refreeze_bn_params(module)
 
 
 __all__ = [
@@ -270,5 +213,14 @@ __all__ = [
     "resolve_submodule_names",
     "params_under",
     "is_bn_frozen",
-    "FreezeBackbone",
+    "batchnorm_layers",
+    "freeze_bn_layer",
+    "unfreeze_bn_layer",
+    "modules_under",
+    "refreeze_bn_params",
+    "freeze_backbone",
+    "unfreeze_backbone",
+    "REASON_FREEZE_BN",
+    "REASON_SET_TRAINABLE",
+    "REASON_FREEZE_BACKBONE",
 ]

@@ -1,25 +1,26 @@
 """Publishing one validation pass: metrics to the tracker (step = epoch), metrics.json, the worst-query grid and its
-CSV, and the t-SNE plot when asked. Used by the per-epoch callback and by validate(cfg); no Lightning here."""
+CSV, and the t-SNE plot when asked. Used by the validation callback and by validate(cfg); no Lightning here."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
 
 from metriclab.core.atomic import write_json_atomic
 from metriclab.data.datasets import ValidationData
-from metriclab.evaluation.engine import RetrievalReport
 from metriclab.evaluation.pictures import save_tsne, save_worst_queries
+from metriclab.evaluation.report import RetrievalReport
 
 
 def publish_validation(
-    report: RetrievalReport, embeddings: torch.Tensor, data: ValidationData, cfg: DictConfig, tracked: Any,
+    report: RetrievalReport, embeddings: torch.Tensor, data: ValidationData, cfg: Any, tracked: Any,
     run_dir: Optional[Path], epoch: int, tag: Optional[str] = None,
 ) -> None:
     """Log metrics (step = epoch), write metrics.json, the worst-query grid + CSV and (if asked) the t-SNE plot.
-    `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`, files under `<tag>/`."""
+    `cfg`: the `evaluation` group (`EvaluationConfig`, or its DictConfig). `tracked`: a `TrackedRun` or None (no
+    tracker); `run_dir` None writes no file. `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`,
+    files under `<tag>/`."""
     metrics = {k: float(v) for k, v in report.metrics.items()}
     prefix, folder = (tag, tag) if tag else ("val", f"epoch_{epoch:03d}")
     if tracked is not None:
@@ -32,7 +33,7 @@ def publish_validation(
     if tracked is not None:
         for f in files:
             tracked.log_artifact(f, f"worst_queries/{folder}")
-    if cfg.get("tsne"):
+    if cfg.tsne:
         png = save_tsne(embeddings, data.labels, run_dir / "plots" / folder / "tsne.png", int(cfg.tsne_max_points),
                         title=folder.replace("_", " "))
         if tracked is not None:

@@ -1,0 +1,56 @@
+"""The loaders of a training run, as a LightningDataModule: the train batches (a batch sampler built from config, or
+plain shuffled batches) and the validation rows in order, each split across DDP ranks when there are several."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from metriclab.core.config import build
+from metriclab.core.errors import ConfigError
+from metriclab.data.datasets import TrainData, ValidationData
+
+
+class MetricLearningDataModule(pl.LightningDataModule):
+    """`sampler`: the `sampler` config group (`_target_` + values; the labels come from `train_data`), or None for
+    shuffled batches of `batch_size` (classification losses do not need n x k batches).
+
+    The loaders are built here, at once, so a train split too small for one batch is a ConfigError before any
+    training starts; Lightning asks for them when a loop starts."""
+
+    def __init__(self, train_data: TrainData, val_data: ValidationData, sampler: Optional[Any] = None,
+                 batch_size: int = 64, batch_size_val: int = 128, num_workers: int = 0):
+        super().__init__()
+        self.train_data, self.val_data = train_data, val_data
+        self.train_loader = self._train_loader(sampler, batch_size, num_workers)
+        self.val_loader = DataLoader(val_data.dataset, batch_size=batch_size_val, shuffle=False,
+                                     num_workers=num_workers)
+
+    def _train_loader(self, sampler_node: Optional[Any], batch_size: int, num_workers: int) -> DataLoader:
+        data = self.train_data
+        if sampler_node is not None:
+            sampler = build(sampler_node, "sampler", labels=data.labels.tolist(), label2category=data.label2category)
+            loader = DataLoader(data.dataset, batch_sampler=sampler, num_workers=num_workers)
+        else:
+            loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                num_workers=num_workers)
+        if len(loader) == 0:
+            raise ConfigError(f"the train loader yields no batch: {len(data.dataset)} train images are too few for "
+                              f"the sampler/batch size; lower `sampler.n_labels`/`sampler.n_instances`/`batch_size`")
+        return loader
+
+    def _for_ranks(self, loader: DataLoader) -> DataLoader:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # OML's wrapper splits whole batches of any (batch) sampler across ranks, padding the last ones;
+            # validation rows repeated by the padding are de-duplicated by index when the embeddings are gathered
+            from oml.ddp.patching import patch_dataloader_to_ddp
+
+            return patch_dataloader_to_ddp(loader)
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        return self._for_ranks(self.train_loader)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._for_ranks(self.val_loader)
