@@ -18,19 +18,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.io
-from oml.const import (
-    CATEGORIES_COLUMN,
-    IS_GALLERY_COLUMN,
-    IS_QUERY_COLUMN,
-    LABELS_COLUMN,
-    PATHS_COLUMN,
-    SPLIT_COLUMN,
-    X1_COLUMN,
-    X2_COLUMN,
-    Y1_COLUMN,
-    Y2_COLUMN,
-)
 from PIL import Image
 
 from converters.common import (
@@ -48,8 +37,20 @@ from converters.common import (
     run_cli,
     scan_image_files,
 )
+from metriclab.core.constants import (
+    CATEGORIES_COLUMN,
+    CLASS_NAME_COLUMN,
+    IS_GALLERY_COLUMN,
+    IS_QUERY_COLUMN,
+    LABELS_COLUMN,
+    PATHS_COLUMN,
+    SPLIT_COLUMN,
+    X1_COLUMN,
+    X2_COLUMN,
+    Y1_COLUMN,
+    Y2_COLUMN,
+)
 
-CLASS_NAME_COLUMN = "class_name"
 META_FILE, TRAIN_ANNOS_FILE = "cars_meta.mat", "cars_train_annos.mat"
 TEST_ANNOS_FILE, UNLABELLED_TEST_ANNOS_FILE = "cars_test_annos_withlabels.mat", "cars_test_annos.mat"
 TRAIN_IMAGES_DIR, TEST_IMAGES_DIR = "cars_train", "cars_test"
@@ -248,39 +249,24 @@ def _check_images(
             report.skip("images without an annotation ignored", rel)
 
 
-def convert_cars196(
-    root: Path | str,
-    *,
-    protocol: str = "metric",
-    bboxes: bool = True,
-    strict: bool = False,
-    expected_counts: Mapping[str, int] | None = None,
-) -> Conversion:
-    if protocol not in PROTOCOLS:
-        raise ConversionError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
-    root = Path(root)
-    layout = find_cars_layout(root)
-    report = ConversionReport(f"Cars196 ({protocol} protocol)", label_noun="classes")
-    class_names = load_class_names(layout.meta, root)
-    sources = [
-        (load_annotations(layout.train_annotations, root, len(class_names)), layout.train_images, TRAIN),
-        (load_annotations(layout.test_annotations, root, len(class_names)), layout.test_images, VALIDATION),
-    ]
-    for annotations, images_dir, _ in sources:
-        _check_images(annotations, images_dir, root, bboxes, report)
-    mat_files = (layout.meta, layout.train_annotations, layout.test_annotations)
-    report.note(
-        "read " + ", ".join(rel_posix(p, root) for p in mat_files)
-        + f"; images in {rel_posix(layout.train_images, root)}/ and {rel_posix(layout.test_images, root)}/"
-    )
+Source = tuple[list[CarAnnotation], Path, str]  # a folder's annotations, its images, its official split
 
+
+def _protocol_split(class_id: int, protocol: str, folder_split: str) -> str:
+    """The metric protocol splits by class id; the stanford protocol keeps the official (folder) split."""
+    if protocol == "metric":
+        return TRAIN if class_id <= METRIC_TRAIN_LAST_CLASS else VALIDATION
+    return folder_split
+
+
+def _build_rows_frame(
+    sources: list[Source], class_names: list[str], protocol: str, bboxes: bool, root: Path
+) -> pd.DataFrame:
+    """One row per annotated image (validation images are query and gallery), sorted by split, then path."""
     rows = []
-    for annotations, images_dir, folder_split in sources:
-        for a in annotations:
-            if protocol == "metric":
-                split = TRAIN if a.class_id <= METRIC_TRAIN_LAST_CLASS else VALIDATION
-            else:
-                split = folder_split
+    for split_annotations, images_dir, folder_split in sources:
+        for a in split_annotations:
+            split = _protocol_split(a.class_id, protocol, folder_split)
             name = class_names[a.class_id - 1]  # class ids are 1-based
             row = {
                 LABELS_COLUMN: a.class_id,
@@ -297,11 +283,21 @@ def convert_cars196(
     columns = [LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN]
     columns += [CATEGORIES_COLUMN, CLASS_NAME_COLUMN] + ([X1_COLUMN, Y1_COLUMN, X2_COLUMN, Y2_COLUMN] if bboxes else [])
     df = make_rows_frame(rows, columns)
-    df = df.sort_values([SPLIT_COLUMN, PATHS_COLUMN], kind="stable", ignore_index=True)
+    return df.sort_values([SPLIT_COLUMN, PATHS_COLUMN], kind="stable", ignore_index=True)
 
+
+def _check_counts(
+    df: pd.DataFrame,
+    n_classes: int,
+    protocol: str,
+    expected_counts: Mapping[str, int] | None,
+    strict: bool,
+    report: ConversionReport,
+) -> None:
+    """Images and classes per split against the published counts of the protocol (or ``expected_counts``)."""
     is_train = df[SPLIT_COLUMN] == TRAIN
     actual = {
-        "classes in cars_meta.mat": len(class_names),
+        "classes in cars_meta.mat": n_classes,
         "train images": int(is_train.sum()),
         "train classes": df.loc[is_train, LABELS_COLUMN].nunique(),
         "validation images": int((~is_train).sum()),
@@ -309,6 +305,35 @@ def convert_cars196(
     }
     expected = PUBLISHED_COUNTS[protocol] if expected_counts is None else expected_counts
     check_expected_counts(actual, expected, strict=strict, report=report, what=f"Cars196 {protocol}-protocol")
+
+
+def convert_cars196(
+    root: Path | str,
+    *,
+    protocol: str = "metric",
+    bboxes: bool = True,
+    strict: bool = False,
+    expected_counts: Mapping[str, int] | None = None,
+) -> Conversion:
+    if protocol not in PROTOCOLS:
+        raise ConversionError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+    root = Path(root)
+    layout = find_cars_layout(root)
+    report = ConversionReport(f"Cars196 ({protocol} protocol)", label_noun="classes")
+    class_names = load_class_names(layout.meta, root)
+    sources: list[Source] = [
+        (load_annotations(layout.train_annotations, root, len(class_names)), layout.train_images, TRAIN),
+        (load_annotations(layout.test_annotations, root, len(class_names)), layout.test_images, VALIDATION),
+    ]
+    for split_annotations, images_dir, _ in sources:
+        _check_images(split_annotations, images_dir, root, bboxes, report)
+    mat_files = (layout.meta, layout.train_annotations, layout.test_annotations)
+    report.note(
+        "read " + ", ".join(rel_posix(p, root) for p in mat_files)
+        + f"; images in {rel_posix(layout.train_images, root)}/ and {rel_posix(layout.test_images, root)}/"
+    )
+    df = _build_rows_frame(sources, class_names, protocol, bboxes, root)
+    _check_counts(df, len(class_names), protocol, expected_counts, strict, report)
     report.note(f"{df[CATEGORIES_COLUMN].nunique()} manufacturers in the category column")
     return Conversion(df, report, root)
 

@@ -16,33 +16,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 from PIL import Image
-from oml.const import (
-    BBOXES_COLUMNS,
+
+from metriclab.core.atomic import atomic_write
+from metriclab.core.constants import (
+    BBOX_COLUMNS,
+    IMAGE_EXTENSIONS,
     IS_GALLERY_COLUMN,
     IS_QUERY_COLUMN,
     LABELS_COLUMN,
-    PATHS_COLUMN,
-    SEQUENCE_COLUMN,
     SPLIT_COLUMN,
-    X1_COLUMN,
-    X2_COLUMN,
-    Y1_COLUMN,
-    Y2_COLUMN,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
 )
-from oml.utils.dataframe_format import check_retrieval_dataframe_format
+from metriclab.core.errors import ConfigError
+from metriclab.data.contract import (  # noqa: F401  (MAX_LISTED, list_some: the converters use them from here)
+    DEFAULT_CSV_NAME,
+    MAX_LISTED,
+    list_some,
+    validate_dataset_frame,
+)
 
-from metriclab.core.atomic import atomic_write
-
-TRAIN = "train"
-VALIDATION = "validation"
-DEFAULT_CSV_NAME = "dataset.csv"
-# torchvision's ImageFolder list (lower case); extensions are compared case-insensitively.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# How many offending paths an error or summary line names before it says "and N more".
-MAX_LISTED = 10
+TRAIN = TRAIN_SPLIT
+VALIDATION = VALIDATION_SPLIT
 # Skip reasons shared by the converters (summaries and tests quote them).
 SUBFOLDER_REASON = "sub-folders ignored"
 NON_IMAGE_REASON = "non-image files ignored"
@@ -80,11 +77,6 @@ class Conversion:
     df: pd.DataFrame
     report: ConversionReport
     dataset_root: Path
-
-
-def list_some(items: Sequence[str], limit: int = MAX_LISTED) -> str:
-    shown = ", ".join(str(x) for x in items[:limit])
-    return shown + (f" ... and {len(items) - limit:,} more" if len(items) > limit else "")
 
 
 def rel_posix(path: Path, root: Path) -> str:
@@ -180,58 +172,19 @@ def make_rows_frame(rows: list[dict], columns: Sequence[str]) -> pd.DataFrame:
     df[LABELS_COLUMN] = df[LABELS_COLUMN].astype("int64")
     for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
         df[column] = df[column].astype(object)
-    for column in BBOXES_COLUMNS:
+    for column in BBOX_COLUMNS:
         if column in df.columns:
             df[column] = df[column].astype("int64")
     return df
 
 
-def validate_dataframe(df: pd.DataFrame, dataset_root: Path) -> None:
-    """Our checks with readable messages, then OML's own checker (the one its pipelines run)."""
-    required = [LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ConversionError(f"dataframe lacks the column(s) {missing}")
-    if df.empty:
-        raise ConversionError("no rows: the dataset folder holds no usable images")
-    bad_split = sorted(set(df[SPLIT_COLUMN]) - {TRAIN, VALIDATION})
-    if bad_split:
-        raise ConversionError(f"unknown split value(s) {bad_split}")
-    is_train = df[SPLIT_COLUMN] == TRAIN
-    val = df[~is_train]
-    for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
-        if df.loc[is_train, column].notna().any():
-            raise ConversionError(f"train rows must leave {column} empty")
-        if not val[column].map(lambda v: isinstance(v, (bool, np.bool_))).all():
-            raise ConversionError(f"validation rows need a True/False {column}")
-    is_q, is_g = val[IS_QUERY_COLUMN].astype(bool), val[IS_GALLERY_COLUMN].astype(bool)
-    if len(val) and not (is_q | is_g).all():
-        raise ConversionError("some validation rows are neither query nor gallery")
-    if len(val) and not is_q.any():
-        raise ConversionError("the validation split has no query rows")
-    query_labels = set(val.loc[is_q, LABELS_COLUMN])
-    gallery_labels = set(val.loc[is_g, LABELS_COLUMN])
-    orphans = sorted(query_labels - gallery_labels)
-    if orphans:
-        raise ConversionError(f"query label(s) with no gallery image (OML rejects them): {list_some(orphans)}")
-    if SEQUENCE_COLUMN in df.columns and df[SEQUENCE_COLUMN].isna().any():
-        # OML factorizes every missing sequence to the same id, so such rows would mask each other.
-        raise ConversionError("every row needs a sequence value")
-    box_columns = [c for c in BBOXES_COLUMNS if c in df.columns]
-    if box_columns:
-        if len(box_columns) != 4 or df[box_columns].isna().any().any():
-            raise ConversionError("boxes must be given for every row or for none (OML fails on a partial set)")
-        if not ((df[X1_COLUMN] < df[X2_COLUMN]) & (df[Y1_COLUMN] < df[Y2_COLUMN])).all():
-            raise ConversionError("some boxes have x_1 >= x_2 or y_1 >= y_2")
-    for role, in_role in ((IS_QUERY_COLUMN, is_q), (IS_GALLERY_COLUMN, is_g)):
-        paths = val.loc[in_role, PATHS_COLUMN]
-        repeated = sorted(set(paths[paths.duplicated()]))
-        if repeated:
-            raise ConversionError(f"path(s) listed twice as {role}: {list_some(repeated)}")
+def validate_dataframe(df: pd.DataFrame, dataset_root: Path, source: str = "the converted table") -> None:
+    """The dataset-CSV contract (metriclab.data.contract) with the rules for a file OML's pipelines read too,
+    OML's own checker included; `source` names the table (the CSV being written) in the messages."""
     try:
-        check_retrieval_dataframe_format(df, dataset_root=dataset_root, verbose=False)
-    except AssertionError as e:  # OML's checker asserts; turn it into a message a user can act on
-        raise ConversionError(f"OML's format check rejected the dataframe: {str(e)[:2000]}") from e
+        validate_dataset_frame(df, source, for_oml=True, dataset_root=dataset_root)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e
 
 
 def summarize(conversion: Conversion) -> str:
@@ -269,7 +222,7 @@ def write_csv_atomically(df: pd.DataFrame, out_path: Path, dataset_root: Path) -
             f.flush()
             os.fsync(f.fileno())
         # What OML reads back is what counts (blank is_query/is_gallery on train rows, integer labels).
-        validate_dataframe(pd.read_csv(tmp), dataset_root)
+        validate_dataframe(pd.read_csv(tmp), dataset_root, str(out_path))
 
     atomic_write(out_path, write)
 

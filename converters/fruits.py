@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from oml.const import IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN
-
 from converters.common import (
     NON_IMAGE_REASON,
     TRAIN,
@@ -40,8 +38,15 @@ from converters.common import (
     require_dirs,
     run_cli,
 )
+from metriclab.core.constants import (
+    CLASS_NAME_COLUMN,
+    IS_GALLERY_COLUMN,
+    IS_QUERY_COLUMN,
+    LABELS_COLUMN,
+    PATHS_COLUMN,
+    SPLIT_COLUMN,
+)
 
-CLASS_NAME_COLUMN = "class_name"
 TRAIN_DIR = "train"
 SPLIT_DIRS = ("train", "validation", "test")
 QUERY_DIRS = ("validation", "test")
@@ -165,6 +170,90 @@ def _report_duplicates(images: list[FruitImage], report: ConversionReport) -> No
         )
 
 
+def _read_folders(
+    root: Path, folders: tuple[str, str], strict: bool, report: ConversionReport
+) -> tuple[dict[str, list[FruitImage]], Counter, list[str]]:
+    """Each folder's usable images, the image modes seen and the mislabelled files; unusable images are skipped
+    (an error with ``strict``)."""
+    bad: list[str] = []
+    modes: Counter = Counter()
+    mislabelled: list[str] = []
+    images_by_folder = {}
+    for folder in folders:
+        files_by_class = _collect_files(root / folder, root, report)
+        images_by_folder[folder] = _inspect(files_by_class, folder, root, report, bad, modes, mislabelled)
+    if bad and strict:
+        raise ConversionError(f"{len(bad):,} image(s) cannot be used: {list_some(bad)}. Remove or replace them.")
+    for item in bad:
+        report.skip(BAD_IMAGE_REASON, item)
+    return images_by_folder, modes, mislabelled
+
+
+def _note_contents(
+    root: Path,
+    query: str,
+    label_of: dict[str, int],
+    modes: Counter,
+    mislabelled: list[str],
+    report: ConversionReport,
+) -> None:
+    """Notes on what was read: folders left unread, the label map, non-RGB images, mislabelled files."""
+    unused = [d for d in SPLIT_DIRS if d not in (TRAIN_DIR, query) and (root / d).is_dir()]
+    if unused:
+        report.note(f"not read: {', '.join(d + '/' for d in unused)}")
+    report.note("label map: " + ", ".join(f"{label}={name}" for name, label in label_of.items()))
+    odd_modes = {m: n for m, n in sorted(modes.items()) if m != "RGB"}
+    if odd_modes:
+        report.note(
+            "accepted non-RGB images (OML converts them to RGB): "
+            + ", ".join(f"{n:,} {MODE_NAMES.get(m, m)}" for m, n in odd_modes.items())
+        )
+    if mislabelled:
+        report.note(
+            f"{len(mislabelled):,} file(s) whose content differs from the extension, accepted: "
+            + list_some(mislabelled, 5)
+        )
+
+
+def _row(label: int, image: FruitImage, split: str, is_query: bool | None, is_gallery: bool | None) -> dict:
+    return {
+        LABELS_COLUMN: label,
+        PATHS_COLUMN: image.rel,
+        SPLIT_COLUMN: split,
+        IS_QUERY_COLUMN: is_query,
+        IS_GALLERY_COLUMN: is_gallery,
+        CLASS_NAME_COLUMN: image.class_name,
+    }
+
+
+def _closed_rows(
+    train_images: list[FruitImage], query_images: list[FruitImage], label_of: dict[str, int]
+) -> list[dict]:
+    """Train rows; validation queries from the query folder, against the train images as the gallery."""
+    rows = [_row(label_of[i.class_name], i, TRAIN, None, None) for i in train_images]
+    rows += [_row(label_of[i.class_name], i, VALIDATION, True, False) for i in query_images]
+    # The train images again, as the gallery.
+    rows += [_row(label_of[i.class_name], i, VALIDATION, False, True) for i in train_images]
+    return rows
+
+
+def _open_rows(images: list[FruitImage], label_of: dict[str, int], report: ConversionReport) -> list[dict]:
+    """The first half of the labels train; the rest validation, each image both query and gallery."""
+    n_classes = len(label_of)
+    n_train_classes = n_classes // 2
+    if n_train_classes == 0:
+        raise ConversionError("the open protocol needs at least two classes")
+    rows = []
+    for image in images:
+        label = label_of[image.class_name]
+        if label < n_train_classes:
+            rows.append(_row(label, image, TRAIN, None, None))
+        else:
+            rows.append(_row(label, image, VALIDATION, True, True))
+    report.note(f"open protocol: labels 0-{n_train_classes - 1} train, {n_train_classes}-{n_classes - 1} validation")
+    return rows
+
+
 def convert_fruits(
     root: Path | str,
     *,
@@ -181,64 +270,14 @@ def convert_fruits(
     report = ConversionReport(f"fruits ({protocol} protocol, queries from {query}/)", label_noun="classes")
     class_names = _check_class_sets(root, query, protocol, strict, report)
     label_of = {name: label for label, name in enumerate(class_names)}
-
-    bad: list[str] = []
-    modes: Counter = Counter()
-    mislabelled: list[str] = []
-    images_by_folder = {}
-    for folder in (TRAIN_DIR, query):
-        files_by_class = _collect_files(root / folder, root, report)
-        images_by_folder[folder] = _inspect(files_by_class, folder, root, report, bad, modes, mislabelled)
-    if bad and strict:
-        raise ConversionError(f"{len(bad):,} image(s) cannot be used: {list_some(bad)}. Remove or replace them.")
-    for item in bad:
-        report.skip(BAD_IMAGE_REASON, item)
-
-    unused = [d for d in SPLIT_DIRS if d not in (TRAIN_DIR, query) and (root / d).is_dir()]
-    if unused:
-        report.note(f"not read: {', '.join(d + '/' for d in unused)}")
-    report.note("label map: " + ", ".join(f"{label}={name}" for name, label in label_of.items()))
-    odd_modes = {m: n for m, n in sorted(modes.items()) if m != "RGB"}
-    if odd_modes:
-        report.note(
-            "accepted non-RGB images (OML converts them to RGB): "
-            + ", ".join(f"{n:,} {MODE_NAMES.get(m, m)}" for m, n in odd_modes.items())
-        )
-    if mislabelled:
-        report.note(
-            f"{len(mislabelled):,} file(s) whose content differs from the extension, accepted: "
-            + list_some(mislabelled, 5)
-        )
-    _report_duplicates(images_by_folder[TRAIN_DIR] + images_by_folder[query], report)
-
-    def row(image: FruitImage, split: str, is_query: bool | None, is_gallery: bool | None) -> dict:
-        return {
-            LABELS_COLUMN: label_of[image.class_name],
-            PATHS_COLUMN: image.rel,
-            SPLIT_COLUMN: split,
-            IS_QUERY_COLUMN: is_query,
-            IS_GALLERY_COLUMN: is_gallery,
-            CLASS_NAME_COLUMN: image.class_name,
-        }
-
+    images_by_folder, modes, mislabelled = _read_folders(root, (TRAIN_DIR, query), strict, report)
+    _note_contents(root, query, label_of, modes, mislabelled, report)
     train_images, query_images = images_by_folder[TRAIN_DIR], images_by_folder[query]
+    _report_duplicates(train_images + query_images, report)
     if protocol == "closed":
-        rows = [row(i, TRAIN, None, None) for i in train_images]
-        rows += [row(i, VALIDATION, True, False) for i in query_images]
-        rows += [row(i, VALIDATION, False, True) for i in train_images]  # train images are the gallery
+        rows = _closed_rows(train_images, query_images, label_of)
     else:
-        n_train_classes = len(class_names) // 2
-        if n_train_classes == 0:
-            raise ConversionError("the open protocol needs at least two classes")
-        rows = []
-        for image in train_images + query_images:
-            if label_of[image.class_name] < n_train_classes:
-                rows.append(row(image, TRAIN, None, None))
-            else:
-                rows.append(row(image, VALIDATION, True, True))
-        report.note(
-            f"open protocol: labels 0-{n_train_classes - 1} train, {n_train_classes}-{len(class_names) - 1} validation"
-        )
+        rows = _open_rows(train_images + query_images, label_of, report)
     columns = [LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN, CLASS_NAME_COLUMN]
     return Conversion(make_rows_frame(rows, columns), report, root)
 

@@ -14,15 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from oml.const import (
-    IS_GALLERY_COLUMN,
-    IS_QUERY_COLUMN,
-    LABELS_COLUMN,
-    PATHS_COLUMN,
-    SEQUENCE_COLUMN,
-    SPLIT_COLUMN,
-)
-
 from converters.common import (
     TRAIN,
     VALIDATION,
@@ -37,6 +28,14 @@ from converters.common import (
     require_dirs,
     run_cli,
     scan_image_files,
+)
+from metriclab.core.constants import (
+    IS_GALLERY_COLUMN,
+    IS_QUERY_COLUMN,
+    LABELS_COLUMN,
+    PATHS_COLUMN,
+    SEQUENCE_COLUMN,
+    SPLIT_COLUMN,
 )
 
 CAMERA_COLUMN = "camera"
@@ -53,7 +52,7 @@ JUNK_REASON = "junk images (person id -1) dropped from the gallery"
 BAD_NAME_REASON = "malformed file names skipped (--skip-bad)"
 INVALID_QUERY_REASON = "queries without a gallery image of their person from another camera (--skip-bad)"
 
-# Market-1501-v15.09.15 as released (torchreid docstring, project page, datasets.md §1.3).
+# Market-1501-v15.09.15 as released: the counts given on the dataset's project page and by torchreid.
 PUBLISHED_COUNTS: Mapping[str, int] = {
     "train images": 12_936,
     "train identities": 751,
@@ -64,6 +63,8 @@ PUBLISHED_COUNTS: Mapping[str, int] = {
     "gallery junk images (id -1)": 3_819,
     "gallery distractor images (id 0000)": 2_798,
 }
+
+Record = tuple[str, int, int]  # path relative to the root, person id, camera
 
 COLUMNS = [
     LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN, CAMERA_COLUMN, SEQUENCE_COLUMN
@@ -92,16 +93,14 @@ def find_market_base(root: Path) -> Path:
     raise AssertionError("unreachable")
 
 
-def _scan_folder(
-    base: Path, root: Path, folder: str, report: ConversionReport, skip_bad: bool
-) -> list[tuple[str, int, int]]:
+def _scan_folder(base: Path, root: Path, folder: str, report: ConversionReport, skip_bad: bool) -> list[Record]:
     records = []
     for entry, rel in scan_image_files(base / folder, root, report, extensions=(".jpg",)):
         try:
             pid, cam = parse_market_name(entry.name)
         except ValueError as e:
             if not skip_bad:
-                raise ConversionError(f"{rel}: {e}. Rename or remove it, or pass --skip-bad to skip such files.")
+                raise ConversionError(f"{rel}: {e}. Rename or remove it, or pass --skip-bad to skip such files.") from e
             report.skip(BAD_NAME_REASON, rel)
             continue
         records.append((rel, pid, cam))
@@ -110,12 +109,8 @@ def _scan_folder(
     return records
 
 
-def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool = False) -> Conversion:
-    root = Path(root)
-    base = find_market_base(root)
-    report = ConversionReport("Market-1501", label_noun="identities")
-    train, query, gallery_raw = (_scan_folder(base, root, d, report, skip_bad) for d in USED_DIRS)
-
+def _check_special_pids(train: list[Record], query: list[Record]) -> None:
+    """The junk (-1) and distractor (0000) ids occur only in the gallery."""
     for folder, records in ((TRAIN_DIR, train), (QUERY_DIR, query)):
         special = [rel for rel, pid, _ in records if pid in (JUNK_PID, DISTRACTOR_PID)]
         if special:
@@ -123,20 +118,30 @@ def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool
                 f"person id -1/0000 belongs in {GALLERY_DIR}/ only, found in {folder}/: {list_some(special)}"
             )
 
+
+def _drop_junk(gallery_raw: list[Record], report: ConversionReport) -> list[Record]:
     gallery = []
     for rel, pid, cam in gallery_raw:
         if pid == JUNK_PID:
             report.skip(JUNK_REASON, rel)  # neither positive nor negative in the official protocol
         else:
             gallery.append((rel, pid, cam))
-    n_distractors = sum(pid == DISTRACTOR_PID for _, pid, _ in gallery)
+    return gallery
 
+
+def _check_disjoint_pids(train: list[Record], query: list[Record], gallery: list[Record]) -> None:
+    """No person is both in train and in query/gallery (the distractor id aside)."""
     train_pids = {pid for _, pid, _ in train}
     test_pids = {pid for _, pid, _ in query + gallery} - {DISTRACTOR_PID}
     shared = sorted(train_pids & test_pids)
     if shared:
         raise ConversionError(f"person id(s) in both {TRAIN_DIR}/ and query/gallery: {list_some(shared)}")
 
+
+def _drop_unscorable_queries(
+    query: list[Record], gallery: list[Record], skip_bad: bool, report: ConversionReport
+) -> list[Record]:
+    """Queries with no gallery image of their person from another camera: an error, or skipped with skip_bad."""
     gallery_cams = defaultdict(set)
     for _, pid, cam in gallery:
         gallery_cams[pid].add(cam)
@@ -150,12 +155,18 @@ def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool
     for rel in invalid:
         report.skip(INVALID_QUERY_REASON, rel)
     invalid_set = set(invalid)
-    query = [r for r in query if r[0] not in invalid_set]
+    return [r for r in query if r[0] not in invalid_set]
 
+
+def _check_counts(
+    train: list[Record], query: list[Record], gallery: list[Record], strict: bool, report: ConversionReport
+) -> None:
+    """Notes the distractors, then checks every count against the published ones."""
+    n_distractors = sum(pid == DISTRACTOR_PID for _, pid, _ in gallery)
     report.note(f"{n_distractors:,} distractor images (person id 0000) kept in the gallery as negatives")
     actual = {
         "train images": len(train),
-        "train identities": len(train_pids),
+        "train identities": len({pid for _, pid, _ in train}),
         "query images": len(query),
         "query identities": len({pid for _, pid, _ in query}),
         "gallery images after junk removal": len(gallery),
@@ -165,10 +176,8 @@ def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool
     }
     check_expected_counts(actual, PUBLISHED_COUNTS, strict=strict, report=report, what="Market-1501")
 
-    unused = sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if p.name not in USED_DIRS)
-    if unused:
-        report.note(f"not used: {', '.join(unused)}")
 
+def _build_rows(train: list[Record], query: list[Record], gallery: list[Record]) -> list[dict]:
     rows = []
     for records, split, is_query, is_gallery in (
         (train, TRAIN, None, None),
@@ -187,7 +196,23 @@ def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool
                     SEQUENCE_COLUMN: f"{pid}_c{cam}",
                 }
             )
-    return Conversion(make_rows_frame(rows, COLUMNS), report, root)
+    return rows
+
+
+def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool = False) -> Conversion:
+    root = Path(root)
+    base = find_market_base(root)
+    report = ConversionReport("Market-1501", label_noun="identities")
+    train, query, gallery_raw = (_scan_folder(base, root, d, report, skip_bad) for d in USED_DIRS)
+    _check_special_pids(train, query)
+    gallery = _drop_junk(gallery_raw, report)
+    _check_disjoint_pids(train, query, gallery)
+    query = _drop_unscorable_queries(query, gallery, skip_bad, report)
+    _check_counts(train, query, gallery, strict, report)
+    unused = sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if p.name not in USED_DIRS)
+    if unused:
+        report.note(f"not used: {', '.join(unused)}")
+    return Conversion(make_rows_frame(_build_rows(train, query, gallery), COLUMNS), report, root)
 
 
 def build_parser() -> argparse.ArgumentParser:

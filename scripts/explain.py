@@ -1,16 +1,20 @@
-"""GradCAM of the worst queries: `python scripts/explain.py run=<MLflow run id>` or `ckpt=<best.ckpt> dataset.root=<data>`."""
+"""GradCAM of the worst queries: `python scripts/explain.py run=<MLflow run id>`
+or `python scripts/explain.py ckpt=<best.ckpt> dataset.root=<data>`.
+
+Hydra composes the config; `metriclab.jobs.entry` checks it (torch-free, so usage errors answer at once) and only
+then imports and runs the job.
+"""
 import hydra
 from omegaconf import DictConfig
 
-import metriclab.core.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
-from metriclab.jobs.explain import explain
 from metriclab.core.paths import CONFIGS_DIR
+from metriclab.jobs import entry  # also registers the config resolvers before Hydra composes
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="explain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    explain(cfg)
+    entry.run("explain", cfg)
 
 
 if __name__ == "__main__":
-    main()
+    entry.launch(main)

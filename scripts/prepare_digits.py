@@ -3,11 +3,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from converters.common import write_csv_atomically
-from converters.common import summarize
+from converters.common import summarize, write_csv_atomically
 from converters.fruits import convert_fruits
-from metriclab.data.digits import write_digits_folders
 from metriclab.core.paths import OUTPUTS_DIR
+from metriclab.data.digits import write_digits_folders
 
 
 def main(argv=None) -> int:

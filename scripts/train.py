@@ -1,16 +1,19 @@
-"""Train an experiment: `python scripts/train.py --config-name market_arcface dataset.root=/data/market`."""
+"""Train an experiment: `python scripts/train.py --config-name market_arcface dataset.root=/data/market`.
+
+Hydra composes the config; `metriclab.jobs.entry` checks it (torch-free, so usage errors answer at once) and only
+then imports and runs the job.
+"""
 import hydra
 from omegaconf import DictConfig
 
-import metriclab.core.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
 from metriclab.core.paths import CONFIGS_DIR
-from metriclab.jobs.train import train
+from metriclab.jobs import entry  # also registers the config resolvers before Hydra composes
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    entry.run("train", cfg)
 
 
 if __name__ == "__main__":
-    main()
+    entry.launch(main)

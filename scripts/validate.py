@@ -1,16 +1,19 @@
-"""Evaluate a checkpoint: `python scripts/validate.py dataset.root=/data/x ckpt=outputs/train/.../best.ckpt`."""
+"""Evaluate a checkpoint: `python scripts/validate.py dataset.root=/data/x ckpt=outputs/train/.../best.ckpt`.
+
+Hydra composes the config; `metriclab.jobs.entry` checks it (torch-free, so usage errors answer at once) and only
+then imports and runs the job.
+"""
 import hydra
 from omegaconf import DictConfig
 
-import metriclab.core.config  # noqa: F401  (registers the `repo_root` resolver before Hydra composes)
 from metriclab.core.paths import CONFIGS_DIR
-from metriclab.jobs.validate import validate
+from metriclab.jobs import entry  # also registers the config resolvers before Hydra composes
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="validate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    validate(cfg)
+    entry.run("validate", cfg)
 
 
 if __name__ == "__main__":
-    main()
+    entry.launch(main)

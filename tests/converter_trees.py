@@ -233,9 +233,9 @@ def write_cars_tree(
     base = root / "stanford_cars" if layout == "torchvision" else root
     small = jpeg_bytes(*CAR_IMAGE_SIZE, seed=1)
     large = jpeg_bytes(600, 400, seed=2)
-    for folder, annotations in (("cars_train", train), ("cars_test", test)):
+    for folder, folder_annotations in (("cars_train", train), ("cars_test", test)):
         image_dir = base / folder / folder if layout == "kaggle" else base / folder
-        for fname, _, box in annotations:
+        for fname, _, box in folder_annotations:
             write(image_dir / fname, large if box[2] > CAR_IMAGE_SIZE[0] or box[3] > CAR_IMAGE_SIZE[1] else small)
     mat_dir = base if layout == "kaggle" else base / "devkit"
     save_car_meta(mat_dir / "cars_meta.mat", class_names)

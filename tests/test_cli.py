@@ -1,7 +1,6 @@
 """The entry scripts as a user runs them: exit codes, messages, run status on failure/SIGTERM, multirun."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,20 +12,23 @@ from mlflow.tracking import MlflowClient
 from metriclab.core.paths import REPO_ROOT
 from tests.helpers import ENV, cli_overrides
 
+
 def _runs(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_missing_dataset_exits_nonzero_with_message_and_failed_run(tmp_path):
+def test_missing_dataset_exits_nonzero_with_one_line_and_leaves_no_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/train.py", *cli_overrides(tmp_path, tmp_path / "nowhere")],
         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0
-    assert f"dataset.root={tmp_path / 'nowhere'} is not a folder" in proc.stderr
-    _, runs = _runs(tmp_path)
-    assert [r.info.status for r in runs] == ["FAILED"]
+    # checked before the job starts: one line, no traceback, no MLflow run and no run folder
+    assert proc.stderr.strip().splitlines() == [
+        f"error: dataset.root={tmp_path / 'nowhere'} is not a folder: point `dataset.root=` at the converted dataset"]
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
 
 
 def test_sigterm_marks_run_killed(tmp_path, tiny_dataset):

@@ -75,8 +75,8 @@ def test_labels_boxes_and_names_come_from_the_right_entries(tmp_path):
     assert first[LABELS_COLUMN] == 14 and tuple(first[BOX_COLUMNS]) == box  # the devkit's first entry
     assert first["class_name"] == "Audi TTS Coupe 2012" and first[CATEGORIES_COLUMN] == "Audi"  # class 14 -> index 13
     train, test = default_car_annotations()
-    for folder, annotations in (("cars_train", train), ("cars_test", test)):
-        for fname, class_id, box in annotations:
+    for folder, folder_annotations in (("cars_train", train), ("cars_test", test)):
+        for fname, class_id, box in folder_annotations:
             row = df.loc[f"{folder}/{fname}"]
             assert (row[LABELS_COLUMN], tuple(row[BOX_COLUMNS])) == (class_id, box)
             assert row["class_name"] == CARS196_CLASS_NAMES[class_id - 1]

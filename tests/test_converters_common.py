@@ -66,18 +66,48 @@ def test_valid_frame_passes_and_the_summary_counts_it(tmp_path):
     "change, message",
     [
         (lambda df: df.drop(index=[4]), "query label\\(s\\) with no gallery image \\(OML rejects them\\): 5"),
-        (lambda df: df.assign(sequence=["a", "b", "c", "d", "e", "f", None]), "every row needs a sequence value"),
-        (lambda df: df.assign(x_1=0, x_2=5, y_1=0, y_2=[5, 5, 5, 5, 5, 5, None]), "boxes must be given for every row"),
-        (lambda df: df.assign(x_1=0, x_2=[5, 5, 5, 5, 5, 5, 0], y_1=0, y_2=5), "x_1 >= x_2"),
+        (lambda df: df.assign(x_1=0, x_2=5, y_1=0, y_2=[5, 5, 5, 5, 5, 5, None]),
+         r"row 8 \(path=g/g.jpg\): a box needs all of \['x_1', 'y_1', 'x_2', 'y_2'\] or none"),
+        (lambda df: df.assign(x_1=0, x_2=[5, 5, 5, 5, 5, 5, 0], y_1=0, y_2=5),
+         r"row 8 \(path=g/g.jpg\): box x_1=0, y_1=0, x_2=0, y_2=5 needs x_1 < x_2"),
         (lambda df: df.assign(is_query=[True, None, True, True, False, False, False]), "train rows must leave"),
         (lambda df: df.assign(split=["train", "train", "test", "validation", "validation", "validation", "validation"]),
-         "unknown split value\\(s\\) \\['test'\\]"),
+         r"`split` must be 'train' or 'validation', found \['test'\]; first at row 4 \(path=q/c.jpg\) has 'test'"),
         (lambda df: pd.concat([df, df.iloc[[2]]], ignore_index=True), "listed twice as is_query: q/c.jpg"),
     ],
 )  # fmt: skip
 def test_bad_frames_get_a_clear_message(tmp_path, change, message):
     with pytest.raises(ConversionError, match=message):
         validate_dataframe(change(small_frame(tmp_path)), tmp_path)
+
+
+def test_a_missing_sequence_is_its_own_group_for_the_converters_and_the_reader(tmp_path):
+    """One rule (metriclab.data.contract): a row without a `sequence` is accepted and grouped with no other row."""
+    from metriclab.data.contract import sequence_groups
+    from metriclab.data.datasets import read_dataset_csv
+
+    df = small_frame(tmp_path, sequence=["a", "b", "s1", None, "s1", None, "s2"])
+    validate_dataframe(df, tmp_path)  # the converters' check accepts it (it used to reject it)
+    write_csv_atomically(df, tmp_path / "dataset.csv", tmp_path)
+    read = read_dataset_csv(tmp_path)  # and so does the reader, from the written file
+    groups = sequence_groups(read["sequence"].tolist())
+    assert groups.tolist() == ["a", "b", "s1", "__row3", "s1", "__row5", "s2"]
+
+
+def test_reader_and_converters_give_the_same_message(tmp_path):
+    """Both go through the one validator: the same bad table fails with the same rule, naming the CSV line."""
+    from metriclab.core.errors import ConfigError
+    from metriclab.data.datasets import read_dataset_csv
+
+    df = small_frame(tmp_path)
+    df["is_gallery"] = df["is_gallery"].astype(object)
+    df.loc[5, "is_gallery"] = "maybe"
+    expected = r"row 7 \(path=g/f.jpg\): `is_gallery` must be True/False for validation rows, got 'maybe'"
+    with pytest.raises(ConversionError, match=expected):
+        validate_dataframe(df, tmp_path)
+    df.to_csv(tmp_path / "dataset.csv", index=False)
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'dataset.csv'}: {expected}"):
+        read_dataset_csv(tmp_path)
 
 
 def test_oml_checker_runs_too(tmp_path):

@@ -117,7 +117,11 @@ def test_inspect_image_reads_size_mode_and_hash(tmp_path):
     path = write(tmp_path / "a.jpg", jpeg_bytes(40, 30, mode="L"))
     info = inspect_image(path)
     assert (info.width, info.height, info.mode, info.format, info.extension_matches) == (40, 30, "L", "JPEG", True)
-    assert info.sha1 == inspect_image(copy_file(path, tmp_path / "b.jpeg")).sha1
+    import hashlib
+
+    # the hash of the file's bytes, computed here rather than by a second call of the function under test
+    assert info.sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert inspect_image(copy_file(path, tmp_path / "b.jpeg")).sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
 
 
 def test_duplicates_across_and_within_folders_are_reported(tmp_path):

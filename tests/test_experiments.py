@@ -32,12 +32,15 @@ def test_experiments_set_what_their_recipes_say(tmp_path):
     assert market["market_triplet"].criterion.margin == 0.3
     assert market["market_bot"].criterion.triplet.margin == 0.3
     assert market["market_bot"].criterion.classification.label_smoothing == 0.1
-    assert list(market["market_bot"].scheduler.milestones) == [40, 70] and market["market_bot"].trainer.max_epochs == 120
+    assert list(market["market_bot"].scheduler.milestones) == [40, 70]
+    assert market["market_bot"].trainer.max_epochs == 120
     assert market["market_arcface"].criterion._target_ == "metriclab.models.losses.ArcFaceLoss"
     cars = _plain("cars_triplet", tmp_path)
     assert list(cars.evaluation.cmc_top_k) == [1, 2, 4, 8] and cars.extractor.weights == "vits16_dino"
     assert cars.sampler._target_.endswith("CategoryBalanceSampler")
     # the four fruit configs differ only in the loss: one multirun over `criterion` compares them
+    for loss in ("arcface", "cosface", "sphereface", "subcenter_arcface"):
+        assert _plain(f"fruits_{loss}", tmp_path).criterion.label_smoothing == 0.1  # as the README says
     base = dict(flatten(_plain("fruits_arcface", tmp_path)))
     for loss in ("cosface", "sphereface", "subcenter_arcface"):
         other = dict(flatten(_plain(f"fruits_{loss}", tmp_path)))

@@ -1,19 +1,20 @@
 """Criteria: PML wrappers equal PML's own losses, hand-computed margins and label smoothing, every criterion YAML
 builds through the pipeline's `build` and trains on a BalanceSampler batch."""
-import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from oml.losses import ArcFaceLoss as OMLArcFaceLoss
 from oml.losses import TripletLossWithMiner
 from oml.miners import HardTripletsMiner
-from omegaconf import OmegaConf
 from pytorch_metric_learning import losses as pml_losses
 
 from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
+from metriclab.core.paths import CONFIGS_DIR
+from metriclab.data.samplers import BalanceSampler
 from metriclab.models.losses import (
     ArcFaceLoss,
     ClassificationTripletLoss,
@@ -23,8 +24,6 @@ from metriclab.models.losses import (
     SubCenterArcFaceLoss,
     criterion_needs_balanced_batches,
 )
-from metriclab.core.paths import CONFIGS_DIR
-from metriclab.data.samplers import BalanceSampler
 
 CRITERIA = ["triplet_all", "triplet_hard", "triplet_semihard", "arcface", "cosface", "sphereface",
             "subcenter_arcface", "bot"]
@@ -268,10 +267,25 @@ def test_bot_with_arcface_gets_in_features_and_categories():
     assert torch.isfinite(criterion(torch.randn(12, 8), _balance_batch()))
 
 
-def test_bot_needs_a_partial_classification():
-    with pytest.raises(TypeError, match="_partial_"):
+def test_bot_needs_the_classification_config():
+    with pytest.raises(TypeError, match="must be a config with a `_target_`"):
         ClassificationTripletLoss(classification=SoftmaxLoss(3, 2), triplet=TripletLossWithMiner(0.2),
                                   num_classes=3, embedding_size=2)
     with pytest.raises(ValueError, match="not both 0"):
-        ClassificationTripletLoss(classification=functools.partial(SoftmaxLoss), triplet=TripletLossWithMiner(0.2),
-                                  num_classes=3, embedding_size=2, classification_weight=0, triplet_weight=0)
+        ClassificationTripletLoss(classification={"_target_": "metriclab.models.losses.SoftmaxLoss"},
+                                  triplet=TripletLossWithMiner(0.2), num_classes=3, embedding_size=2,
+                                  classification_weight=0, triplet_weight=0)
+
+
+def test_bot_builds_its_classification_part_with_the_runtime_sizes():
+    """The part is built by `build` (one mechanism): the sizes reach it; an old `_partial_: true` means the same."""
+    for node in ({"_target_": "metriclab.models.losses.SoftmaxLoss", "label_smoothing": 0.2},
+                 {"_target_": "metriclab.models.losses.SoftmaxLoss", "_partial_": True, "label_smoothing": 0.2}):
+        loss = ClassificationTripletLoss(classification=node, triplet=TripletLossWithMiner(0.2), num_classes=5,
+                                         embedding_size=3)
+        assert isinstance(loss.classification, SoftmaxLoss)
+        assert tuple(loss.classification.classifier.weight.shape) == (5, 3)
+        assert loss.classification.cross_entropy.label_smoothing == 0.2
+    with pytest.raises(ConfigError, match="criterion.classification"):
+        ClassificationTripletLoss(classification={"_target_": "metriclab.models.losses.SoftmaxLoss", "smoothing": 0.1},
+                                  triplet=TripletLossWithMiner(0.2), num_classes=5, embedding_size=3)

@@ -4,13 +4,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from oml.losses import TripletLossWithMiner
 from oml.miners import HardTripletsMiner
-from omegaconf import OmegaConf
 
 from metriclab.core.config import build
-from metriclab.models.miners import SemiHardTripletsMiner
 from metriclab.core.paths import CONFIGS_DIR
+from metriclab.models.miners import SemiHardTripletsMiner
 
 
 def _points(xs):

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from oml.samplers import BalanceSampler as OMLBalanceSampler
 from omegaconf import OmegaConf
+from oml.samplers import BalanceSampler as OMLBalanceSampler
 from torch.utils.data import DataLoader, TensorDataset
 
 from metriclab.core.config import build

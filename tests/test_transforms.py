@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as tv
+from omegaconf import OmegaConf
 from oml.const import MEAN, STD
 from oml.datasets.images import ImageBaseDataset
-from omegaconf import OmegaConf
 from PIL import Image
 
 from metriclab.core.config import build

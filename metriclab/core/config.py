@@ -2,28 +2,38 @@
 
 `build` turns a group with a `_target_` into that object by Hydra instantiation (the target's signature is the
 schema: an unknown key fails), and a plain-value group into its dataclass from `metriclab.core.schemas` (an
-unknown or misspelt key, a wrong type or a missing value fails, naming the key). Runtime-only values (labels for a sampler,
-the number of classes and the embedding size for a loss, parameters for an optimizer) are passed at build time,
-and only to targets whose signature declares them, so YAML never hard-codes them and an unknown key still fails.
+unknown or misspelt key, a wrong type or a missing value fails, naming the key). Runtime-only values (labels for a
+sampler, the number of classes and the embedding size for a loss, parameters for an optimizer) are passed at build
+time, and only to targets whose signature declares them, so YAML never hard-codes them and an unknown key still
+fails. The resolvers registered here give the YAML facts defined once in Python (`${repo_root:}`, the MLflow store).
 """
 from __future__ import annotations
 
 import functools
 import inspect
 from pathlib import Path
-from typing import Any, Container, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Container, Dict, Iterator, List, Tuple
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from metriclab.core.constants import artifact_root, mlflow_store_uri
 from metriclab.core.errors import ConfigError
 from metriclab.core.paths import REPO_ROOT
 from metriclab.core.schemas import SCHEMAS
 
-if not OmegaConf.has_resolver("repo_root"):
-    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+#: resolvers the YAML uses for facts defined once in Python: `${repo_root:}`, `${default_mlflow_uri:}`, ...
+RESOLVERS: Dict[str, Callable[..., Any]] = {
+    "repo_root": lambda: str(REPO_ROOT),
+    # `${mlflow_store_uri:${paths.outputs_dir}}`: the embedded store of that outputs folder (core/constants.py)
+    "mlflow_store_uri": lambda outputs_dir: mlflow_store_uri(outputs_dir),
+    "artifact_root": lambda outputs_dir: str(artifact_root(outputs_dir)),
+}
+for _name, _resolver in RESOLVERS.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def _signature_params(target: Any) -> Dict[str, inspect.Parameter]:
@@ -41,17 +51,25 @@ def runtime_kwargs(target: Any, runtime: Dict[str, Any], already_set: Container[
     return {k: v for k, v in runtime.items() if k in params and k not in already_set}
 
 
-def build_plain(node: Any, key: str, schema: type) -> Any:
-    """`node` checked against the dataclass `schema` and returned as an instance of it."""
+def build_plain(node: Any, key: str, schema: type, allow_missing: bool = False) -> Any:
+    """`node` checked against the dataclass `schema` and returned as an instance of it; with `allow_missing` an
+    unset mandatory value (`???`) is accepted and the checked DictConfig is returned instead."""
     if node is None:
         node = {}
+    elif isinstance(node, DictConfig):
+        try:  # interpolations such as ${paths.outputs_dir} resolve against the whole config, not the schema
+            node = OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"`{key}.{e.full_key}`: {str(e.msg).splitlines()[0]}") from e
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     except ConfigKeyError as e:
         allowed = ", ".join(OmegaConf.structured(schema).keys())
         raise ConfigError(f"`{key}.{e.key}` is not a key of `{key}`: check its spelling (allowed: {allowed})") from e
-    except ValidationError as e:
-        raise ConfigError(f"`{key}.{e.key}`: {str(e.msg).splitlines()[0]}") from e
+    except ValidationError as e:  # full_key names a list item too (cmc_top_k[0])
+        raise ConfigError(f"`{key}.{e.full_key or e.key}`: {str(e.msg).splitlines()[0]}") from e
+    if allow_missing:
+        return merged
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"`{key}.{missing[0]}` is not set: pass {key}.{missing[0]}=<value>")
@@ -96,7 +114,7 @@ def flatten(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
     if isinstance(cfg, (DictConfig, dict)):
         items = cfg.items() if isinstance(cfg, dict) else cfg.items_ex(resolve=True)
         for k, v in items:
-            yield from flatten(v, f"{prefix}{k}.")
+            yield from flatten(v, f"{prefix}{k!s}.")
     elif isinstance(cfg, ListConfig):
         yield prefix[:-1], OmegaConf.to_container(cfg, resolve=True)
     else:

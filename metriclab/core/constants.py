@@ -4,13 +4,15 @@ Torch-free and cheap to import: converters, entry points and the report read the
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from metriclab.core.paths import OUTPUTS_DIR
 
 __all__ = [
     "CATEGORIES_COLUMN", "IS_GALLERY_COLUMN", "IS_QUERY_COLUMN", "LABELS_COLUMN", "PATHS_COLUMN", "SEQUENCE_COLUMN",
     "SPLIT_COLUMN", "X1_COLUMN", "X2_COLUMN", "Y1_COLUMN", "Y2_COLUMN", "CLASS_NAME_COLUMN", "REQUIRED_COLUMNS",
     "BBOX_COLUMNS", "TRAIN_SPLIT", "VALIDATION_SPLIT", "SPLITS", "IMAGE_EXTENSIONS", "DISTANCES", "DEFAULT_MLFLOW_URI",
-    "DEFAULT_ARTIFACT_ROOT",
+    "DEFAULT_ARTIFACT_ROOT", "mlflow_store_uri", "artifact_root",
 ]
 
 # ------------------------------------------------------------------------------ the dataset CSV (OML's format)
@@ -48,5 +50,15 @@ DISTANCES = ("euclidean", "cosine")
 # ------------------------------------------------------------------------------------------------ locations
 #: the embedded MLflow store (MLflow 3 refuses the plain file store), when neither the config nor the
 #: MLFLOW_TRACKING_URI environment variable names another
-DEFAULT_MLFLOW_URI = f"sqlite:///{OUTPUTS_DIR / 'mlflow.db'}"
-DEFAULT_ARTIFACT_ROOT = OUTPUTS_DIR / "mlartifacts"
+def mlflow_store_uri(outputs_dir: str | Path) -> str:
+    """The embedded MLflow store of an outputs folder (configs/paths/default.yaml gets it through a resolver)."""
+    return f"sqlite:///{Path(outputs_dir) / 'mlflow.db'}"
+
+
+def artifact_root(outputs_dir: str | Path) -> Path:
+    """Where experiments created in that store keep their artifacts."""
+    return Path(outputs_dir) / "mlartifacts"
+
+
+DEFAULT_MLFLOW_URI = mlflow_store_uri(OUTPUTS_DIR)
+DEFAULT_ARTIFACT_ROOT = artifact_root(OUTPUTS_DIR)

@@ -11,6 +11,19 @@ from typing import List
 
 from omegaconf import MISSING
 
+from metriclab.core.constants import DISTANCES
+from metriclab.core.errors import ConfigError
+
+#: evaluation.backend: exact metrics, or faiss top-k search (top-k metrics only)
+BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
+#: index.kind (predict): exact or approximate faiss search
+INDEX_KINDS = ("flat", "hnsw")
+
+
+def check_choice(key: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"`{key}={value}` is not supported; choose one of {list(choices)}")
+
 
 @dataclass
 class EvaluationConfig:
@@ -28,6 +41,10 @@ class EvaluationConfig:
     grid_missed: int = 2
     tsne: bool = False
     tsne_max_points: int = 2000
+
+    def __post_init__(self) -> None:
+        check_choice("evaluation.distance", self.distance, DISTANCES)
+        check_choice("evaluation.backend", self.backend, BACKENDS)
 
 
 @dataclass
@@ -47,6 +64,9 @@ class IndexConfig:
     m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
+
+    def __post_init__(self) -> None:
+        check_choice("index.kind", self.kind, INDEX_KINDS)
 
 
 @dataclass
@@ -68,4 +88,4 @@ SCHEMAS = {
     "paths": PathsConfig,
 }
 
-__all__ = ["EvaluationConfig", "DatasetConfig", "IndexConfig", "PathsConfig", "SCHEMAS"]
+__all__ = ["BACKENDS", "INDEX_KINDS", "EvaluationConfig", "DatasetConfig", "IndexConfig", "PathsConfig", "SCHEMAS"]

@@ -39,7 +39,7 @@ def write_digits_folders(out: Path, seed: int = 0) -> Dict[str, int]:
             folder = tmp / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in ids:
-                img = Image.fromarray(images[i], mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                img = Image.fromarray(images[i], mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
                 img.save(folder / f"digit_{i:04d}.png")
             counts[split] += len(ids)
     if out.exists():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from oml.const import CATEGORIES_COLUMN
@@ -41,6 +41,23 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"sampler `{name}` must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _check_categorised(labels: List[Any], label2category: Mapping[Any, Any]) -> None:
+    missing = _sorted({label for label in labels if label not in label2category})
+    if missing:
+        raise ValueError(
+            f"CategoryBalanceSampler: {len(missing)} labels have no category (first: {missing[:5]}): "
+            f"every row of the CSV needs a `{CATEGORIES_COLUMN}` value"
+        )
+
+
+def _group_by_category(kept: List[Any], label2category: Mapping[Any, Any]) -> Dict[Any, List[Any]]:
+    """category -> its distinct labels, in sorted label order."""
+    category2labels: Dict[Any, List[Any]] = {}
+    for label in _sorted(set(kept)):
+        category2labels.setdefault(label2category[label], []).append(label)
+    return category2labels
 
 
 class _LabelSubsetSampler(IBatchSampler):
@@ -126,34 +143,10 @@ class CategoryBalanceSampler(_LabelSubsetSampler):
         n_categories = _check_int("n_categories", n_categories, 1)
         n_labels = _check_int("n_labels", n_labels, 2)
         n_instances = _check_int("n_instances", n_instances, 2)
-        missing = _sorted({label for label in labels if label not in label2category})
-        if missing:
-            raise ValueError(
-                f"CategoryBalanceSampler: {len(missing)} labels have no category (first: {missing[:5]}): "
-                f"every row of the CSV needs a `{CATEGORIES_COLUMN}` value"
-            )
+        _check_categorised(labels, label2category)
         kept = self._split_labels(labels, n_instances, "CategoryBalanceSampler")
-        kept_set = set(kept)
-        category2labels: Dict[Any, List[Any]] = {}
-        for label in _sorted(kept_set):
-            category2labels.setdefault(label2category[label], []).append(label)
-
-        small = {c: ls for c, ls in category2labels.items() if len(ls) < n_labels}
-        self.n_categories_dropped = 0
-        self.n_labels_in_dropped_categories = 0
-        if small and not resample_labels:
-            self.n_categories_dropped = len(small)
-            self.n_labels_in_dropped_categories = sum(len(ls) for ls in small.values())
-            log.warning(
-                "CategoryBalanceSampler: %d of %d categories have fewer than n_labels=%d usable labels and sit out "
-                "(%d labels); set resample_labels=true to draw their labels with repetition instead",
-                len(small), len(category2labels), n_labels, self.n_labels_in_dropped_categories,
-            )
-            gone = {label for ls in small.values() for label in ls}
-            keep_positions = np.array([labels[i] not in gone for i in self._positions], dtype=bool)
-            self._positions = self._positions[keep_positions]
-            kept = [labels[i] for i in self._positions]
-            category2labels = {c: ls for c, ls in category2labels.items() if c not in small}
+        category2labels = _group_by_category(kept, label2category)
+        kept, category2labels = self._drop_small_categories(labels, category2labels, n_labels, resample_labels)
 
         if len(category2labels) < n_categories:
             raise ValueError(
@@ -174,6 +167,28 @@ class CategoryBalanceSampler(_LabelSubsetSampler):
             resample_labels=bool(resample_labels),
             weight_categories=bool(weight_categories),
         )
+
+    def _drop_small_categories(
+        self, labels: List[Any], category2labels: Dict[Any, List[Any]], n_labels: int, resample_labels: bool
+    ) -> Tuple[List[Any], Dict[Any, List[Any]]]:
+        """Unless ``resample_labels``, categories with fewer than ``n_labels`` usable labels sit out (counted and
+        logged); returns the labels still sampled (one per kept image) and the remaining categories."""
+        small = {c: ls for c, ls in category2labels.items() if len(ls) < n_labels}
+        self.n_categories_dropped = 0
+        self.n_labels_in_dropped_categories = 0
+        if small and not resample_labels:
+            self.n_categories_dropped = len(small)
+            self.n_labels_in_dropped_categories = sum(len(ls) for ls in small.values())
+            log.warning(
+                "CategoryBalanceSampler: %d of %d categories have fewer than n_labels=%d usable labels and sit out "
+                "(%d labels); set resample_labels=true to draw their labels with repetition instead",
+                len(small), len(category2labels), n_labels, self.n_labels_in_dropped_categories,
+            )
+            gone = {label for ls in small.values() for label in ls}
+            keep_positions = np.array([labels[i] not in gone for i in self._positions], dtype=bool)
+            self._positions = self._positions[keep_positions]
+            category2labels = {c: ls for c, ls in category2labels.items() if c not in small}
+        return [labels[i] for i in self._positions], category2labels
 
 
 __all__ = ["BalanceSampler", "CategoryBalanceSampler"]

@@ -7,7 +7,7 @@ extra per-batch floats (accuracy, triplet stats). Every class has an explicit si
 
 - ``ArcFaceLoss``: OML's ArcFace with the same key names as the PML wrappers (margin, scale, label_smoothing).
 - ``CosFaceLoss``, ``SphereFaceLoss``, ``SubCenterArcFaceLoss``: thin wrappers over PML, whose ``*args/**kwargs``
-  signatures would otherwise lose ``num_classes``/``embedding_size`` (docs/oml-notes §4).
+  signatures would otherwise lose ``num_classes``/``embedding_size``.
 - ``SoftmaxLoss``: linear classifier + cross-entropy, optionally behind a BNNeck (re-ID bag of tricks).
 - ``ClassificationTripletLoss``: weighted sum of a classification loss and a triplet loss (bag of tricks).
 
@@ -17,16 +17,17 @@ half-precision cosine rounds above 1.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 from oml.interfaces.criterions import ITripletLossWithMiner
 from oml.interfaces.miners import ITripletsMinerInBatch
 from oml.losses import ArcFaceLoss as OMLArcFaceLoss
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
-from metriclab.core.config import runtime_kwargs
+from metriclab.core.config import build
 
 TLabels = Union[Tensor, Sequence[int]]
 
@@ -98,7 +99,7 @@ class _PMLClassificationLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, num_classes: int, label_smoothing: float):
         super().__init__()
-        self.loss = loss
+        self.loss: Any = loss  # a PML loss module: get_logits and cross_entropy are its own API
         self.num_classes = num_classes
         self.label_smoothing = _check_label_smoothing(label_smoothing)
         if self.label_smoothing > 0:
@@ -230,19 +231,28 @@ class SoftmaxLoss(nn.Module):
         return self._last_logs
 
 
-def complete_partial(factory: Callable[..., nn.Module], **runtime: Any) -> nn.Module:
-    """Call a Hydra ``_partial_: true`` factory with the runtime kwargs its target declares and YAML did not set
-    (the same rule the pipeline uses for top-level components)."""
-    target = getattr(factory, "func", factory)
-    already_set = set(getattr(factory, "keywords", {}) or {})
-    return factory(**runtime_kwargs(target, runtime, already_set))
+def build_part(node: Any, key: str, **runtime: Any) -> nn.Module:
+    """One part of a composite criterion from its config node, by the one construction mechanism
+    (`metriclab.core.config.build`): it gets the runtime values its target declares."""
+    if not isinstance(node, (Mapping, DictConfig)) or "_target_" not in node:
+        raise TypeError(f"`{key}` must be a config with a `_target_` (the YAML node), got {type(node).__name__}: "
+                        f"num_classes and embedding_size are only known at build time")
+    node = OmegaConf.create(dict(node) if not isinstance(node, DictConfig) else node)
+    with open_dict(node):
+        node.pop("_partial_", None)  # older configs marked the part `_partial_: true`: it meant this completion
+    part = build(node, key, **runtime)
+    if not isinstance(part, nn.Module):
+        raise TypeError(f"`{key}._target_={node._target_}` built a {type(part).__name__}, not a loss module")
+    return part
 
 
 class ClassificationTripletLoss(nn.Module):
     """``classification_weight * classification(e, y) + triplet_weight * triplet(e, y)`` (re-ID bag of tricks).
 
-    ``classification`` is a partial (YAML ``_partial_: true``) completed here with num_classes / embedding_size /
-    in_features / label2category; ``triplet`` is a built triplet criterion (e.g. TripletLossWithMiner + hard miner).
+    ``classification`` and ``triplet`` are their config nodes (the YAML sets ``_recursive_: false`` so Hydra passes
+    them unbuilt), built here by ``metriclab.core.config.build``: the classification loss gets num_classes /
+    embedding_size / in_features / label2category, the triplet criterion (e.g. TripletLossWithMiner + hard miner)
+    whatever it declares of them (nothing). A built ``triplet`` module is accepted as it is.
     ``last_logs`` holds both parts' losses and their own logs, prefixed ``classification/`` and ``triplet/``.
     """
 
@@ -250,8 +260,8 @@ class ClassificationTripletLoss(nn.Module):
 
     def __init__(
         self,
-        classification: Callable[..., nn.Module],
-        triplet: nn.Module,
+        classification: Mapping[str, Any],
+        triplet: Union[Mapping[str, Any], nn.Module],
         num_classes: int,
         embedding_size: int,
         classification_weight: float = 1.0,
@@ -259,28 +269,16 @@ class ClassificationTripletLoss(nn.Module):
         label2category: Optional[Dict[Any, Any]] = None,
     ):
         super().__init__()
-        if not callable(classification):
-            raise TypeError("`classification` must be a loss factory: write it in YAML with `_partial_: true`")
-        if isinstance(classification, nn.Module):
-            raise TypeError(
-                "`classification` must be a partial (YAML `_partial_: true`), not a built module: "
-                "num_classes and embedding_size are only known at build time"
-            )
-        if not isinstance(triplet, nn.Module):
-            raise TypeError(f"`triplet` must be a built loss module, got {type(triplet).__name__}")
         if classification_weight < 0 or triplet_weight < 0 or classification_weight + triplet_weight == 0:
             raise ValueError(
                 f"weights must be >= 0 and not both 0, got classification_weight={classification_weight}, "
                 f"triplet_weight={triplet_weight}"
             )
-        self.classification = complete_partial(
-            classification,
-            num_classes=num_classes,
-            embedding_size=embedding_size,
-            in_features=embedding_size,
-            label2category=label2category,
-        )
-        self.triplet = triplet
+        runtime = {"num_classes": num_classes, "embedding_size": embedding_size, "in_features": embedding_size,
+                   "label2category": label2category}
+        self.classification = build_part(classification, "criterion.classification", **runtime)
+        self.triplet = (triplet if isinstance(triplet, nn.Module)
+                        else build_part(triplet, "criterion.triplet", **runtime))
         self.classification_weight = float(classification_weight)
         self.triplet_weight = float(triplet_weight)
         self._last_logs: Dict[str, float] = {}
@@ -321,6 +319,6 @@ __all__ = [
     "SubCenterArcFaceLoss",
     "SoftmaxLoss",
     "ClassificationTripletLoss",
-    "complete_partial",
+    "build_part",
     "criterion_needs_balanced_batches",
 ]

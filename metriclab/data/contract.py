@@ -1,0 +1,233 @@
+"""The dataset-CSV contract: ONE validator for OML's format, used by the reader (`metriclab.data.datasets`) and by
+the converters (what they write).
+
+Rules for every table (the reader's and the converters'):
+- the columns `label, path, split, is_query, is_gallery`; at least one row;
+- `split` is `train` or `validation`; `label` is an integer on every row;
+- `is_query` / `is_gallery` of validation rows are True/False (also written true/1/0/...); train rows' are ignored;
+- `sequence` is optional and so is each value: a row without one is its own group (`sequence_groups`), never
+  grouped with the other rows without one (OML would factorize every missing value to the same group);
+- a box is all four of `x_1, y_1, x_2, y_2` or none, with x_1 < x_2 and y_1 < y_2;
+- a path is listed at most once as a query and once as a gallery image.
+With `for_oml=True` (what a converter writes, so OML's own pipelines can read it too) also: train rows leave
+`is_query`/`is_gallery` empty, every validation row is a query or a gallery image, there is a query, every query
+label has a gallery image, and OML's own checker (`check_retrieval_dataframe_format`) passes.
+
+Every error is a `ConfigError` naming the file (or table), the CSV line (`row N`: the header is line 1) and the
+column. Torch-free; pandas is imported by the functions that need it, so the entry points' location check is cheap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+
+from metriclab.core.constants import (
+    BBOX_COLUMNS,
+    IS_GALLERY_COLUMN,
+    IS_QUERY_COLUMN,
+    LABELS_COLUMN,
+    PATHS_COLUMN,
+    REQUIRED_COLUMNS,
+    SPLIT_COLUMN,
+    SPLITS,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+    X1_COLUMN,
+    X2_COLUMN,
+    Y1_COLUMN,
+    Y2_COLUMN,
+)
+from metriclab.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+#: how True/False may be written in `is_query` / `is_gallery` (lower case)
+BOOL_STRINGS: Dict[str, bool] = {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
+#: how many offending values a message lists
+MAX_LISTED = 10
+DEFAULT_CSV_NAME = "dataset.csv"
+
+
+def check_dataset_location(root: str | Path, csv_name: str = DEFAULT_CSV_NAME) -> Path:
+    """The dataset's CSV path; a missing folder or file is an error saying what to do."""
+    root = Path(str(root))
+    csv_path = root / csv_name
+    if not root.is_dir():
+        raise ConfigError(f"dataset.root={root} is not a folder: point `dataset.root=` at the converted dataset")
+    if not csv_path.is_file():
+        raise ConfigError(f"{csv_path} does not exist: run a converter first (make convert-market/convert-cars/"
+                          f"convert-fruits DATA={root}) or set `dataset.csv=<name>`")
+    return csv_path
+
+
+def list_some(items: Sequence[Any], limit: int = MAX_LISTED) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f" ... and {len(items) - limit:,} more" if len(items) > limit else "")
+
+
+def row_name(df: "pd.DataFrame", position: int) -> str:
+    """`row N (path=...)`: N is the CSV line of the frame's `position`-th row (line 1 is the header)."""
+    return f"row {position + 2} ({PATHS_COLUMN}={df[PATHS_COLUMN].iat[position]})"
+
+
+def sequence_groups(values: Sequence[Any]) -> "np.ndarray":
+    """`sequence` values as group names: a missing value gets a group of its own (`__row<i>`), never shared."""
+    import numpy as np
+    import pandas as pd
+
+    return np.array([f"__row{i}" if pd.isna(s) else str(s) for i, s in enumerate(values)], dtype=object)
+
+
+def flag_values(df: "pd.DataFrame", column: str, source: str) -> "pd.Series":
+    """`is_query`/`is_gallery` as booleans: validation rows parsed (a bad value names its row), train rows False."""
+    import numpy as np
+    import pandas as pd
+
+    out = pd.Series(False, index=df.index, dtype=bool)
+    is_val = (df[SPLIT_COLUMN] == VALIDATION_SPLIT).to_numpy()
+    for position in np.flatnonzero(is_val):
+        value = df[column].iat[position]
+        if isinstance(value, (bool, np.bool_)):
+            out.iat[position] = bool(value)
+            continue
+        key = str(value).strip().lower()
+        if key not in BOOL_STRINGS:
+            raise ConfigError(f"{source}: {row_name(df, position)}: `{column}` must be True/False for validation "
+                              f"rows, got {value!r}")
+        out.iat[position] = BOOL_STRINGS[key]
+    return out
+
+
+def first_non_integer(df: "pd.DataFrame", csv_path: Optional[Path]) -> str:
+    """'; row N (path=...) has VALUE' for the first `label` that is not an integer as written (the CSV text when
+    there is a file: the parsed column cannot tell 1.0 from 1), or '' if every value looks like one."""
+    import numpy as np
+    import pandas as pd
+
+    if csv_path is not None:
+        text = pd.read_csv(csv_path, usecols=[LABELS_COLUMN], dtype=str)[LABELS_COLUMN]
+    else:
+        text = df[LABELS_COLUMN].astype(str)
+    bad = np.flatnonzero(~text.str.fullmatch(r"\s*[+-]?\d+\s*").fillna(False).to_numpy(dtype=bool))
+    if len(bad) == 0:
+        return ""
+    return f"; {row_name(df, int(bad[0]))} has {text.iat[int(bad[0])]!r}"
+
+
+def check_columns_and_values(df: "pd.DataFrame", source: str, csv_path: Optional[Path]) -> None:
+    import numpy as np
+    import pandas as pd
+
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{source}: missing column(s) {missing}; OML's format needs {list(REQUIRED_COLUMNS)}")
+    if df.empty:
+        raise ConfigError(f"{source}: no rows: the dataset holds no images")
+    split_ok = df[SPLIT_COLUMN].astype(str).isin(SPLITS).to_numpy()
+    if not split_ok.all():
+        bad_split = sorted(set(df.loc[~split_ok, SPLIT_COLUMN].astype(str)), key=str)  # pandas 3 keeps NaN
+        position = int(np.flatnonzero(~split_ok)[0])
+        raise ConfigError(f"{source}: `{SPLIT_COLUMN}` must be 'train' or 'validation', found {bad_split}; first "
+                          f"at {row_name(df, position)} has {df[SPLIT_COLUMN].iat[position]!r}")
+    if df[LABELS_COLUMN].isna().any():
+        position = int(np.flatnonzero(df[LABELS_COLUMN].isna().to_numpy())[0])
+        raise ConfigError(f"{source}: {row_name(df, position)} has an empty `{LABELS_COLUMN}`")
+    if not pd.api.types.is_integer_dtype(df[LABELS_COLUMN]):
+        raise ConfigError(f"{source}: `{LABELS_COLUMN}` must be integers, got dtype {df[LABELS_COLUMN].dtype}"
+                          f"{first_non_integer(df, csv_path)}")
+
+
+def check_boxes(df: "pd.DataFrame", source: str) -> None:
+    import numpy as np
+
+    present = [c for c in BBOX_COLUMNS if c in df.columns]
+    if not present:
+        return
+    if len(present) != len(BBOX_COLUMNS):
+        raise ConfigError(f"{source}: box column(s) {[c for c in BBOX_COLUMNS if c not in present]} missing: a box "
+                          f"needs all of {list(BBOX_COLUMNS)}")
+    n_set = df[list(BBOX_COLUMNS)].notna().sum(axis=1).to_numpy()
+    partial = np.flatnonzero((n_set > 0) & (n_set < len(BBOX_COLUMNS)))
+    if len(partial):
+        raise ConfigError(f"{source}: {row_name(df, int(partial[0]))}: a box needs all of {list(BBOX_COLUMNS)} or "
+                          f"none (OML fails on a partial one)")
+    has_box = n_set == len(BBOX_COLUMNS)
+    bad = np.flatnonzero(has_box & ~((df[X1_COLUMN] < df[X2_COLUMN]) & (df[Y1_COLUMN] < df[Y2_COLUMN])).to_numpy())
+    if len(bad):
+        row = df.iloc[int(bad[0])]
+        raise ConfigError(f"{source}: {row_name(df, int(bad[0]))}: box x_1={row[X1_COLUMN]}, y_1={row[Y1_COLUMN]}, "
+                          f"x_2={row[X2_COLUMN]}, y_2={row[Y2_COLUMN]} needs x_1 < x_2 and y_1 < y_2")
+
+
+def check_repeated_paths(df: "pd.DataFrame", source: str) -> None:
+    is_val = df[SPLIT_COLUMN] == VALIDATION_SPLIT
+    for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
+        paths = df.loc[is_val & df[column], PATHS_COLUMN]
+        repeated = sorted(set(paths[paths.duplicated()]))
+        if repeated:
+            raise ConfigError(f"{source}: path(s) listed twice as {column}: {list_some(repeated)}")
+
+
+def check_for_oml(raw: "pd.DataFrame", flags: "pd.DataFrame", source: str, dataset_root: Optional[Path]) -> None:
+    """The rules OML's own pipelines add (see the module docstring), then OML's checker itself."""
+    is_train = (raw[SPLIT_COLUMN] == TRAIN_SPLIT).to_numpy()
+    for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
+        if raw.loc[is_train, column].notna().any():
+            raise ConfigError(f"{source}: train rows must leave {column} empty")
+    val = flags[~is_train]
+    is_q, is_g = val[IS_QUERY_COLUMN], val[IS_GALLERY_COLUMN]
+    if len(val) and not (is_q | is_g).all():
+        raise ConfigError(f"{source}: some validation rows are neither query nor gallery")
+    if len(val) and not is_q.any():
+        raise ConfigError(f"{source}: the validation split has no query rows")
+    orphans = sorted(set(val.loc[is_q, LABELS_COLUMN]) - set(val.loc[is_g, LABELS_COLUMN]))
+    if orphans:
+        raise ConfigError(f"{source}: query label(s) with no gallery image (OML rejects them): {list_some(orphans)}")
+    from oml.utils.dataframe_format import check_retrieval_dataframe_format
+
+    try:
+        check_retrieval_dataframe_format(raw, dataset_root=dataset_root, verbose=False)
+    except AssertionError as e:  # OML's checker asserts; turn it into a message a user can act on
+        raise ConfigError(f"{source}: OML's format check rejected the dataframe: {str(e)[:2000]}") from e
+
+
+def validate_dataset_frame(df: "pd.DataFrame", source: str, *, csv_path: Optional[Path] = None,
+                           for_oml: bool = False, dataset_root: Optional[Path] = None) -> "pd.DataFrame":
+    """Check `df` against the contract (`source` names it in errors: the CSV file); returns a copy with `path` as
+    strings and `is_query`/`is_gallery` as booleans (False on train rows). `csv_path`: the file `df` was read from
+    (its text shows a label as written); `for_oml`/`dataset_root`: the converters' stricter rules."""
+    check_columns_and_values(df, source, csv_path)
+    out = df.copy()
+    out[PATHS_COLUMN] = out[PATHS_COLUMN].astype(str)
+    for column in (IS_QUERY_COLUMN, IS_GALLERY_COLUMN):
+        out[column] = flag_values(df, column, source)
+    check_boxes(out, source)
+    check_repeated_paths(out, source)
+    if for_oml:
+        check_for_oml(df, out, source, dataset_root)
+    return out
+
+
+def check_image_files(df: "pd.DataFrame", root: Path, source: str, limit: int = 50) -> None:
+    """A cheap spot check of the first `limit` paths: a wrong root shows up in the first rows."""
+    missing = [p for p in df[PATHS_COLUMN].head(limit) if not (root / p).is_file()]
+    if missing:
+        raise ConfigError(f"{source}: image {root / missing[0]} does not exist ({len(missing)} of the first {limit} "
+                          f"rows are missing): is `dataset.root` the folder the CSV paths are relative to?")
+
+
+def read_dataset_csv(root: str | Path, csv_name: str = DEFAULT_CSV_NAME) -> "pd.DataFrame":
+    """Read and check the dataset CSV; every error names the file, the row or the column and says what to do."""
+    import pandas as pd
+
+    root = Path(str(root))
+    csv_path = check_dataset_location(root, csv_name)
+    df = validate_dataset_frame(pd.read_csv(csv_path), str(csv_path), csv_path=csv_path)
+    check_image_files(df, root, str(csv_path))
+    return df.reset_index(drop=True)
+
+
+__all__ = ["BOOL_STRINGS", "DEFAULT_CSV_NAME", "check_dataset_location", "check_image_files", "flag_values",
+           "read_dataset_csv", "sequence_groups", "validate_dataset_frame"]

@@ -1,0 +1,156 @@
+"""What every `scripts/*.py` entry point does after Hydra composed the config: check it, then run the job.
+
+Torch-free at module level: `--help`, a misspelt override, a missing value, a missing file or folder are answered
+before the heavy stack (torch, Lightning, MLflow) is imported. A usage error (`ConfigError`, or Hydra's own
+composition error) is printed as ONE line `error: <message>` on stderr, with no traceback, and the process exits
+with `USAGE_EXIT_CODE`; one found before the job starts leaves no MLflow run and no run folder. Any other exception
+keeps its full traceback.
+
+A script is::
+
+    @hydra.main(config_path=str(CONFIGS_DIR), config_name="train", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        entry.run("train", cfg)
+
+    if __name__ == "__main__":
+        entry.launch(main)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+
+from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
+from omegaconf import DictConfig
+
+import metriclab.core.config  # noqa: F401  (registers the resolvers before Hydra composes)
+from metriclab.core.errors import ConfigError
+from metriclab.jobs.checks import check_config
+
+#: the exit status of a usage error (argparse's)
+USAGE_EXIT_CODE = 2
+
+#: entry name -> (module, function) of the job; imported only after the config passed its checks
+JOBS: Dict[str, Tuple[str, str]] = {
+    "train": ("metriclab.jobs.train", "train"),
+    "validate": ("metriclab.jobs.validate", "validate"),
+    "predict": ("metriclab.jobs.predict", "predict"),
+    "explain": ("metriclab.jobs.explain", "explain"),
+    "demo": ("metriclab.jobs.demo", "run_demo"),
+}
+#: jobs that may name an earlier run (`run=`) instead of its dataset and checkpoint
+RUN_RESOLVING_JOBS = ("validate", "explain")
+#: Hydra's own errors that mean "the command line is wrong": one line, like ours
+HYDRA_USAGE_ERRORS = (ConfigCompositionException, OverrideParseException, SearchPathException)
+
+
+def one_line(message: Any) -> str:
+    """A (multi-line) message as one line: Hydra's and OmegaConf's messages span several."""
+    return " ".join(str(message).split())
+
+
+def usage_error(message: Any) -> NoReturn:
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def hydra_overrides() -> List[str]:
+    """The command-line overrides of this job ([] outside @hydra.main: tests, notebooks)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def hydra_run_dir() -> Tuple[Optional[Path], Optional[str]]:
+    """Hydra's folder of this job and the name of the log file it writes there (None outside @hydra.main)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return Path(hc.runtime.output_dir), f"{hc.job.name}.log"
+    except ValueError:
+        return None, None
+
+
+def remove_unused_run_dir(outputs_dir: Optional[str] = None) -> None:
+    """Hydra creates the run folder (.hydra/ and the job log) before calling the job: after a usage error that
+    stopped the job before it started, remove it when it holds nothing else, so no empty run is left behind."""
+    run_dir, log_name = hydra_run_dir()
+    if run_dir is None or not run_dir.is_dir():
+        return
+    if not {p.name for p in run_dir.iterdir()} <= {".hydra", log_name}:
+        return  # something else wrote there: keep it
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sweep_dir = run_dir.parent  # -m: the sweep folder keeps only multirun.yaml when its first job stopped here
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} == {"multirun.yaml"}:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+    # outputs/<task>/[multirun/]: created for this job by Hydra; removed when it left them empty (outputs/ stays)
+    outputs = Path(str(outputs_dir)).resolve() if outputs_dir else None
+    folder = run_dir.parent.resolve()
+    while outputs is not None and outputs in folder.parents and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def prepare(job: str, cfg: DictConfig) -> DictConfig:
+    """The config the job will run with, checked: raises ConfigError naming the key or file. validate and explain
+    first fill in the run they were pointed at (`run=`, or the newest training run), which is torch-free too."""
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}; one of {sorted(JOBS)}")
+    if job in RUN_RESOLVING_JOBS:
+        from metriclab.jobs.runs import resolve_run
+
+        cfg = resolve_run(cfg, hydra_overrides())
+    check_config(cfg)
+    return cfg
+
+
+def outputs_dir_of(cfg: DictConfig) -> Optional[str]:
+    try:
+        return str(cfg.paths.outputs_dir)
+    except Exception:  # noqa: BLE001 - an unresolvable paths group is itself the usage error being reported
+        return None
+
+
+def job_function(job: str) -> Callable[[DictConfig], Any]:
+    module, function = JOBS[job]
+    return getattr(importlib.import_module(module), function)
+
+
+def run(job: str, cfg: DictConfig) -> Any:
+    """Check `cfg`, then import and run the job; a usage error ends the process with one line on stderr."""
+    try:
+        cfg = prepare(job, cfg)
+    except ConfigError as e:
+        remove_unused_run_dir(outputs_dir_of(cfg))
+        usage_error(e)
+    try:
+        return job_function(job)(cfg)
+    except ConfigError as e:  # found by the job itself: its run (if it opened one) is already marked FAILED
+        # a job that opened its run wrote there (config.yaml, ...): that folder stays
+        remove_unused_run_dir(outputs_dir_of(cfg))
+        usage_error(e)
+
+
+def launch(main: Callable[[], Any]) -> None:
+    """Call a `@hydra.main` function so that Hydra's composition errors (a misspelt override, an unknown config
+    group option) are one line too: Hydra re-raises them to us instead of printing them over several lines."""
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's complete traces
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except HYDRA_USAGE_ERRORS as e:
+        if full_error:
+            raise
+        cause = e.__cause__
+        usage_error(f"{e} ({one_line(cause).split(' full_key:')[0]})" if cause is not None else e)
+
+
+__all__ = ["JOBS", "USAGE_EXIT_CODE", "launch", "prepare", "run", "usage_error"]
