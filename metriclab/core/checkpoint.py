@@ -6,7 +6,9 @@ explain): everything goes through `CheckpointMeta`, so the key names live here o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from metriclab.core.errors import ConfigError
 
 #: the checkpoint dict's key that holds `CheckpointMeta.to_dict()`
 CHECKPOINT_META_KEY = "metriclab"
@@ -16,7 +18,8 @@ CHECKPOINT_META_KEY = "metriclab"
 class CheckpointMeta:
     """What a metriclab checkpoint records about the run that wrote it."""
 
-    #: the extractor's constructor config (training-only keys removed): enough to rebuild the architecture
+    #: the extractor's constructor config (training-only keys removed): enough to rebuild the architecture. Read
+    #: from a file it is untrusted: build only what `checked_architecture` returns
     extractor_cfg: Optional[Dict[str, Any]] = None
     #: the training run's folder (config.yaml there tells the transforms it trained with)
     run_dir: Optional[str] = None
@@ -34,3 +37,53 @@ class CheckpointMeta:
             return cls()
         return cls(extractor_cfg=raw.get("extractor_cfg"), run_dir=raw.get("run_dir"),
                    mlflow_run_id=raw.get("mlflow_run_id"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the stored architecture: a class name from this allow-list plus plain values, never a `_target_` to instantiate
+
+_WEIGHTS = (str, type(None))
+_BOOL = (bool,)
+#: the extractor classes a checkpoint may name, and the constructor arguments (with their plain types) each takes;
+#: what is built is the path here, never a string read from a file
+ALLOWED_EXTRACTORS: Dict[str, Dict[str, Tuple[type, ...]]] = {
+    "oml.models.ResnetExtractor": {"weights": _WEIGHTS, "arch": (str,), "gem_p": (float, int, type(None)),
+                                   "remove_fc": _BOOL, "normalise_features": _BOOL},
+    "oml.models.ViTExtractor": {"weights": _WEIGHTS, "arch": (str,), "normalise_features": _BOOL,
+                                "use_multi_scale": _BOOL},
+    "oml.models.ViTCLIPExtractor": {"weights": _WEIGHTS, "arch": (str,), "normalise_features": _BOOL},
+    "oml.models.ViTUnicomExtractor": {"weights": _WEIGHTS, "arch": (str,), "normalise_features": _BOOL,
+                                      "use_gradient_ckpt": _BOOL},
+}
+#: the same classes under their defining modules' paths (what a config may also name)
+_ALIASES = {"oml.models.resnet.extractor.ResnetExtractor": "oml.models.ResnetExtractor",
+            "oml.models.vit_dino.extractor.ViTExtractor": "oml.models.ViTExtractor",
+            "oml.models.vit_clip.extractor.ViTCLIPExtractor": "oml.models.ViTCLIPExtractor",
+            "oml.models.vit_unicom.extractor.ViTUnicomExtractor": "oml.models.ViTUnicomExtractor"}
+
+
+def checked_architecture(stored: Any, source: str) -> Dict[str, Any]:
+    """The constructor config of a stored architecture (`{"_target_": <class>, <argument>: <plain value>}`, or
+    `"class"` for the class), after checking the class against ALLOWED_EXTRACTORS and every argument against that
+    class's names and plain types. The returned `_target_` is this module's own string. Anything else (unknown
+    class, unknown argument, nested mappings, non-plain values) is a ConfigError naming `source`."""
+    hint = "rebuild it from the config instead: pass extractor_from_ckpt=false and the `extractor` group"
+    if not isinstance(stored, Mapping):
+        raise ConfigError(f"{source}: the stored extractor architecture is a {type(stored).__name__}, not a mapping; "
+                          f"{hint}")
+    name = stored.get("class", stored.get("_target_"))
+    cls = _ALIASES.get(name, name) if isinstance(name, str) else None
+    allowed = ALLOWED_EXTRACTORS.get(cls) if cls is not None else None
+    if cls is None or allowed is None:
+        raise ConfigError(f"{source}: the stored extractor class {name!r} is not one metriclab builds from a "
+                          f"checkpoint ({sorted(ALLOWED_EXTRACTORS)}); {hint}")
+    args = {k: v for k, v in stored.items() if k not in ("class", "_target_")}
+    for key, value in args.items():
+        types = allowed.get(key)
+        if types is None:
+            raise ConfigError(f"{source}: the stored extractor argument {key!r} is not one {cls} accepts "
+                              f"({sorted(allowed)}); {hint}")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{source}: the stored extractor argument {key}={value!r} is not a plain "
+                              f"{' or '.join(t.__name__ for t in types)}; {hint}")
+    return {"_target_": cls, **args}

@@ -8,12 +8,13 @@ Cache layout (one folder per gallery key; files written to a temporary name, the
 
     <cache_dir>/<gallery key>/embeddings.npy      float32 [G, D]
     <cache_dir>/<gallery key>/gallery.csv         one row per embedding: path, label, class_name
-    <cache_dir>/<gallery key>/meta.json           the key's parts (written last: no meta = incomplete entry)
+    <cache_dir>/<gallery key>/meta.json           the key's parts and the sha256 of every file of the entry (written
+                                                  last: no meta = incomplete entry)
     <cache_dir>/<gallery key>/index-<index key>.faiss
 
 The gallery key hashes what determines the embeddings (checkpoint content, extractor config, gallery CSV or folder
 listing and file stats, transforms); the index key adds the index config, so changing only the index reuses the
-embeddings.
+embeddings. A file whose sha256 differs from the one meta.json recorded (edited, swapped) is rebuilt, with a warning.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "hnsw")
 #: Bump when the cache layout or the meaning of a key part changes: old entries are then ignored.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json records the files' sha256
 GALLERY_COLUMNS = ("path", "label", CLASS_NAME_COLUMN)
 
 
@@ -206,9 +207,43 @@ def _load_entry(entry: Path, gallery_key: str) -> Optional[Tuple[np.ndarray, pd.
             return None
         embeddings = np.load(entry / "embeddings.npy", allow_pickle=False)
         table = pd.read_csv(entry / "gallery.csv", keep_default_na=False, dtype={"path": str, "class_name": str})
-        return embeddings, _check_table(table, len(embeddings))
+        table = _check_table(table, len(embeddings))
+        digests = meta.get("sha256") or {}
+        for name in ("embeddings.npy", "gallery.csv"):
+            if digests.get(name) != file_sha256(entry / name):
+                log.warning("cache file %s does not match the sha256 recorded in %s (edited or replaced): "
+                            "rebuilding the entry", entry / name, meta_path)
+                return None
+        return embeddings, table
     except Exception as e:  # a damaged entry is rebuilt, never trusted
         log.warning("cache entry %s is unreadable (%s: %s): rebuilding it", entry, type(e).__name__, e)
+        return None
+
+
+def _record_digest(path: Path) -> None:
+    """Add `path`'s sha256 to its entry's meta.json (an index is added to an entry after the entry is written)."""
+    meta_path = path.parent / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("sha256", {})[path.name] = file_sha256(path)
+    write_json_atomic(meta_path, meta)
+
+
+def _load_index(index_path: Path, embeddings: np.ndarray) -> Optional[faiss.Index]:
+    """The cached index when its file is the one recorded in meta.json and fits the embeddings, else None."""
+    if not index_path.is_file():
+        return None
+    try:
+        recorded = (json.loads((index_path.parent / "meta.json").read_text()).get("sha256") or {})
+        if recorded.get(index_path.name) != file_sha256(index_path):
+            log.warning("cached index %s does not match the sha256 recorded in %s (edited or replaced): "
+                        "rebuilding it", index_path, index_path.parent / "meta.json")
+            return None
+        index = faiss.read_index(str(index_path))
+        if index.ntotal != len(embeddings) or index.d != embeddings.shape[1]:
+            raise ValueError(f"index holds {index.ntotal} x {index.d}, embeddings are {embeddings.shape}")
+        return index
+    except Exception as e:  # rebuilt by the caller
+        log.warning("cached index %s is unusable (%s): rebuilding it", index_path, e)
         return None
 
 
@@ -237,24 +272,19 @@ def load_or_build_gallery(
             # meta.json last: an interrupted write leaves no meta, so the entry is rebuilt next time
             atomic_write(entry / "embeddings.npy", lambda p: np.save(p, embeddings), ".npy")
             write_csv_atomic(table, entry / "gallery.csv")
+            digests = {name: file_sha256(entry / name) for name in ("embeddings.npy", "gallery.csv")}
             write_json_atomic(entry / "meta.json", {"gallery_key": gallery_key, "parts": key_parts,
-                                                    "n": int(len(embeddings)), "dim": int(embeddings.shape[1])})
+                                                    "n": int(len(embeddings)), "dim": int(embeddings.shape[1]),
+                                                    "sha256": digests})
 
-    index, index_from_cache = None, False
     index_path = entry / f"index-{key_of(spec.key_parts())}.faiss" if entry is not None else None
-    if loaded is not None and index_path is not None and index_path.is_file():
-        try:
-            index = faiss.read_index(str(index_path))
-            if index.ntotal != len(embeddings) or index.d != embeddings.shape[1]:
-                raise ValueError(f"index holds {index.ntotal} x {index.d}, embeddings are {embeddings.shape}")
-            index_from_cache = True
-        except Exception as e:  # rebuilt below
-            log.warning("cached index %s is unusable (%s): rebuilding it", index_path, e)
-            index = None
+    index = _load_index(index_path, embeddings) if loaded is not None and index_path is not None else None
+    index_from_cache = index is not None
     if index is None:
         index = build_index(embeddings, spec)
         if index_path is not None:
             atomic_write(index_path, lambda p: faiss.write_index(index, p), ".faiss")
+            _record_digest(index_path)
     return GalleryIndex(embeddings, table, index, spec, entry, loaded is not None, index_from_cache)
 
 

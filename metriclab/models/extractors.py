@@ -1,6 +1,7 @@
 """Build OML extractors from config (with checks OML does not make) and load their weights from our checkpoints."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -8,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metriclab.core.checkpoint import CheckpointMeta
+from metriclab.core.checkpoint import CheckpointMeta, checked_architecture
 from metriclab.core.config import build, build_plain
 from metriclab.core.errors import ConfigError
 
@@ -43,7 +44,8 @@ def extractor_training_options(node: DictConfig, key: str = "extractor") -> Extr
 
 def build_extractor(node: DictConfig, key: str = "extractor") -> torch.nn.Module:
     """The extractor the `extractor` node describes, built by `metriclab.core.config.build` (its class's signature is
-    the schema), after checks OML makes with bare asserts or not at all (architecture name, weights)."""
+    the schema), after checks OML makes with bare asserts or not at all (architecture name, weights). A local
+    weights file is loaded here, weights-only (OML would unpickle it); zoo keys go through OML's download."""
     cfg = extractor_constructor_cfg(node)
     try:
         from hydra.utils import get_class
@@ -59,14 +61,20 @@ def build_extractor(node: DictConfig, key: str = "extractor") -> torch.nn.Module
     if isinstance(weights, str) and weights not in zoo and not Path(weights).is_file():
         raise ConfigError(f"`{key}.weights={weights}` is neither a zoo key of {cls.__name__} ({sorted(zoo)}) nor an "
                           f"existing file; use one of those, a checkpoint path, or `{key}.weights=null` (random init)")
+    local_file = isinstance(weights, str) and weights not in zoo
+    if local_file:  # OML would unpickle the file (weights_only=False): we load it weights-only ourselves
+        cfg.weights = None
     try:
-        return build(cfg, key)
+        extractor = build(cfg, key)
     except ConfigError as e:
         if isinstance(weights, str) and weights in zoo:
             raise ConfigError(f"`{key}.weights={weights}`: the pretrained weights could not be loaded ({e}). They "
                               f"are downloaded on first use: without network, put a local checkpoint path in "
                               f"`{key}.weights` or use `{key}.weights=null`") from e
         raise
+    if local_file:
+        _load_weights(extractor, load_checkpoint(weights), weights, weights_file=True)
+    return extractor
 
 
 def load_checkpoint(path: str | Path, *, mmap: bool = False) -> Dict[str, Any]:
@@ -78,6 +86,9 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> Dict[str, Any]:
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # what torch raises for anything beyond tensors and plain containers
+        raise ConfigError(f"{path} needs pickled Python objects to load, which can run code, so it is refused; "
+                          f"save plain tensors instead, e.g. torch.save(model.state_dict(), path)") from e
     except Exception as e:
         raise ConfigError(f"{path} is not a checkpoint torch can load (weights-only): {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -91,8 +102,22 @@ def extractor_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def _load_weights(extractor: torch.nn.Module, ckpt: Dict[str, Any], path: str | Path) -> None:
+def _weights_file_keys(extractor: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A weights file's keys as the extractor names them: OML's extractors also accept their backbone's own state
+    dict (no `model.` prefix), and drop the classifier when `remove_fc` replaced it."""
+    if hasattr(extractor, "model") and sd and not any(k.startswith("model.") for k in sd):
+        sd = {f"model.{k}": v for k, v in sd.items()}
+    if getattr(extractor, "remove_fc", False):
+        ours = extractor.state_dict()
+        sd = {k: v for k, v in sd.items() if not k.startswith("model.fc.") or k in ours}
+    return sd
+
+
+def _load_weights(extractor: torch.nn.Module, ckpt: Dict[str, Any], path: str | Path,
+                  weights_file: bool = False) -> None:
     sd = extractor_state_dict(ckpt)
+    if weights_file:
+        sd = _weights_file_keys(extractor, sd)
     try:
         missing, unexpected = extractor.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shapes differ: another architecture
@@ -120,7 +145,7 @@ def build_extractor_for_inference(
     ckpt = load_checkpoint(ckpt_path)  # read once: it can be hundreds of MB
     stored = CheckpointMeta.from_checkpoint(ckpt).extractor_cfg
     if stored and extractor_from_ckpt:  # the weights come from the checkpoint, not the zoo
-        node = OmegaConf.create({**stored, "weights": None})
+        node = OmegaConf.create({**checked_architecture(stored, str(ckpt_path)), "weights": None})
     extractor = build_extractor(node)
     _load_weights(extractor, ckpt, ckpt_path)
     return extractor, ckpt, node
