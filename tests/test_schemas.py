@@ -71,6 +71,8 @@ def test_misspelt_key_in_a_yaml_file_is_an_error_naming_it(tmp_path, group, key)
     ("evaluation", "evaluation.cmc_top_k=[one]",
      r"`evaluation.cmc_top_k\[0\]`: Value 'one' of type 'str' could not be converted to Integer"),
     ("dataset", "dataset.cache_size=lots", r"`dataset.cache_size`: Value 'lots' .*Integer"),
+    ("dataset", "dataset.allow_outside_root=perhaps", r"`dataset.allow_outside_root`: Value 'perhaps' is not a valid "
+                                                       r"bool"),
     ("index", "index.m=wide", r"`index.m`: Value 'wide' .*Integer"),
 ])
 def test_wrong_type_is_an_error_naming_the_key(tmp_path, group, override, message):
@@ -89,6 +91,18 @@ def test_unsupported_value_is_an_error_listing_the_choices(tmp_path, override, m
     cfg = compose_cfg("train", base(tmp_path) + [override])
     with pytest.raises(ConfigError, match=message):
         build(cfg.evaluation, "evaluation")
+
+
+def test_dataset_read_checks_build_with_their_yaml_defaults_and_choices(tmp_path):
+    cfg = compose_cfg("train", base(tmp_path) + ["dataset.allow_outside_root=true", "dataset.on_bad_image=skip"])
+    dataset = build(cfg.dataset, "dataset")
+    assert (dataset.allow_outside_root, dataset.on_bad_image) == (True, "skip")
+    defaults = build(compose_cfg("train", base(tmp_path)).dataset, "dataset")
+    assert (defaults.allow_outside_root, defaults.on_bad_image) == (False, "error")
+    cfg = compose_cfg("train", base(tmp_path) + ["dataset.on_bad_image=drop"])
+    with pytest.raises(ConfigError, match=r"`dataset.on_bad_image=drop` is not supported; choose one of "
+                                          r"\['error', 'skip'\]"):
+        build(cfg.dataset, "dataset")
 
 
 def test_unset_mandatory_value_is_an_error_naming_it(tmp_path):

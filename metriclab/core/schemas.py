@@ -16,6 +16,8 @@ from metriclab.core.errors import ConfigError
 
 #: evaluation.backend: exact metrics, or faiss top-k search (top-k metrics only)
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
+#: dataset.on_bad_image: an image that cannot be read stops the job, or a blank image stands in for it
+ON_BAD_IMAGE = ("error", "skip")
 #: index.kind (predict): exact or approximate faiss search
 INDEX_KINDS = ("flat", "hnsw")
 
@@ -54,6 +56,11 @@ class DatasetConfig:
     root: str = MISSING
     csv: str = "dataset.csv"
     cache_size: int = 0
+    allow_outside_root: bool = False
+    on_bad_image: str = "error"
+
+    def __post_init__(self) -> None:
+        check_choice("dataset.on_bad_image", self.on_bad_image, ON_BAD_IMAGE)
 
 
 @dataclass
@@ -88,4 +95,5 @@ SCHEMAS = {
     "paths": PathsConfig,
 }
 
-__all__ = ["BACKENDS", "INDEX_KINDS", "EvaluationConfig", "DatasetConfig", "IndexConfig", "PathsConfig", "SCHEMAS"]
+__all__ = ["BACKENDS", "INDEX_KINDS", "ON_BAD_IMAGE", "EvaluationConfig", "DatasetConfig", "IndexConfig",
+           "PathsConfig", "SCHEMAS"]

@@ -13,11 +13,16 @@ With `for_oml=True` (what a converter writes, so OML's own pipelines can read it
 `is_query`/`is_gallery` empty, every validation row is a query or a gallery image, there is a query, every query
 label has a gallery image, and OML's own checker (`check_retrieval_dataframe_format`) passes.
 
+The reader (`read_dataset_csv`) also checks every row's image file up front: it exists (one stat per row), it lies
+under the dataset root unless `dataset.allow_outside_root=true`, and a path repeated within a split is warned about.
+
 Every error is a `ConfigError` naming the file (or table), the CSV line (`row N`: the header is line 1) and the
 column. Torch-free; pandas is imported by the functions that need it, so the entry points' location check is cheap.
 """
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
@@ -43,11 +48,15 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+log = logging.getLogger(__name__)
+
 #: how True/False may be written in `is_query` / `is_gallery` (lower case)
 BOOL_STRINGS: Dict[str, bool] = {"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}
 #: how many offending values a message lists
 MAX_LISTED = 10
 DEFAULT_CSV_NAME = "dataset.csv"
+#: the key of `DataFrame.attrs` where `read_dataset_csv` records the CSV's path (for messages naming a row)
+CSV_PATH_ATTR = "metriclab_csv_path"
 
 
 def check_dataset_location(root: str | Path, csv_name: str = DEFAULT_CSV_NAME) -> Path:
@@ -210,24 +219,63 @@ def validate_dataset_frame(df: "pd.DataFrame", source: str, *, csv_path: Optiona
     return out
 
 
-def check_image_files(df: "pd.DataFrame", root: Path, source: str, limit: int = 50) -> None:
-    """A cheap spot check of the first `limit` paths: a wrong root shows up in the first rows."""
-    missing = [p for p in df[PATHS_COLUMN].head(limit) if not (root / p).is_file()]
+def outside_root(path: str) -> bool:
+    """Whether a CSV path leaves the dataset folder: absolute, or climbing out with `..`. Judged on the text, not
+    the resolved file, so a dataset folder that links its images in from elsewhere keeps working."""
+    norm = os.path.normpath(path)
+    return os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep)
+
+
+def check_paths_inside_root(df: "pd.DataFrame", root: Path, source: str) -> None:
+    bad = [i for i, p in enumerate(df[PATHS_COLUMN]) if outside_root(p)]
+    if bad:
+        raise ConfigError(f"{source}: {row_name(df, bad[0])} points outside dataset.root={root} ({len(bad)} row(s) "
+                          f"do): keep images under the root, or set `dataset.allow_outside_root=true`")
+
+
+def check_image_files(df: "pd.DataFrame", root: Path, source: str, allow_outside_root: bool = False) -> None:
+    """Every row's image exists (one stat per row: a bad line 362 is found now, not after an epoch) and, unless
+    allowed, lies under `root`. Whether it decodes is found when it is read (`datasets.build_*_data`)."""
+    if not allow_outside_root:
+        check_paths_inside_root(df, root, source)
+    root_text = str(root)
+    missing = [i for i, p in enumerate(df[PATHS_COLUMN]) if not os.path.isfile(os.path.join(root_text, p))]
     if missing:
-        raise ConfigError(f"{source}: image {root / missing[0]} does not exist ({len(missing)} of the first {limit} "
-                          f"rows are missing): is `dataset.root` the folder the CSV paths are relative to?")
+        raise ConfigError(f"{source}: {row_name(df, missing[0])}: image {root / df[PATHS_COLUMN].iat[missing[0]]} "
+                          f"does not exist ({len(missing):,} of {len(df):,} rows' images are missing): fix or remove "
+                          f"the rows, or point `dataset.root` at the folder the CSV paths are relative to")
 
 
-def read_dataset_csv(root: str | Path, csv_name: str = DEFAULT_CSV_NAME) -> "pd.DataFrame":
-    """Read and check the dataset CSV; every error names the file, the row or the column and says what to do."""
+def warn_duplicate_rows(df: "pd.DataFrame", source: str) -> int:
+    """Log a warning for each split that lists an image more than once (a repeated image changes mAP and precision:
+    it finds itself); returns how many repeated rows there are."""
+    repeated = 0
+    for split, rows in df.groupby(SPLIT_COLUMN, sort=True):
+        twice = rows[PATHS_COLUMN].duplicated(keep="first").to_numpy()
+        if twice.any():
+            repeated += int(twice.sum())
+            lines = [int(i) + 2 for i in rows.index[twice]]
+            log.warning("%s: %d row(s) of split=%s repeat an earlier row's path (rows %s); each copy is a separate "
+                        "image to training and metrics", source, int(twice.sum()), split, list_some(lines))
+    return repeated
+
+
+def read_dataset_csv(root: str | Path, csv_name: str = DEFAULT_CSV_NAME, *,
+                     allow_outside_root: bool = False) -> "pd.DataFrame":
+    """Read and check the dataset CSV and every row's image file; every error names the file, the row or the column
+    and says what to do. The frame's index is the CSV row order (CSV line = index + 2, the datasets' error messages
+    rely on it) and `attrs[CSV_PATH_ATTR]` names the file."""
     import pandas as pd
 
     root = Path(str(root))
     csv_path = check_dataset_location(root, csv_name)
-    df = validate_dataset_frame(pd.read_csv(csv_path), str(csv_path), csv_path=csv_path)
-    check_image_files(df, root, str(csv_path))
-    return df.reset_index(drop=True)
+    df = validate_dataset_frame(pd.read_csv(csv_path), str(csv_path), csv_path=csv_path).reset_index(drop=True)
+    check_image_files(df, root, str(csv_path), allow_outside_root)
+    warn_duplicate_rows(df, str(csv_path))
+    df.attrs[CSV_PATH_ATTR] = str(csv_path)
+    return df
 
 
-__all__ = ["BOOL_STRINGS", "DEFAULT_CSV_NAME", "check_dataset_location", "check_image_files", "flag_values",
-           "read_dataset_csv", "sequence_groups", "validate_dataset_frame"]
+__all__ = ["BOOL_STRINGS", "CSV_PATH_ATTR", "DEFAULT_CSV_NAME", "check_dataset_location", "check_image_files",
+           "flag_values", "outside_root", "read_dataset_csv", "sequence_groups", "validate_dataset_frame",
+           "warn_duplicate_rows"]

@@ -83,8 +83,9 @@ def dataset_gallery(cfg: DictConfig) -> Tuple[pd.DataFrame, Dict[str, Any]]:
     rows = cfg.get("gallery_rows", "gallery")
     if rows not in GALLERY_ROWS:
         raise ConfigError(f"`gallery_rows={rows}` is not supported; choose one of {GALLERY_ROWS}")
-    root = Path(cfg.dataset.root).resolve()
-    df = read_dataset_csv(root, cfg.dataset.csv)
+    dataset = build(cfg.dataset, "dataset")
+    root = Path(dataset.root).resolve()
+    df = read_dataset_csv(root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
     is_val_gallery = (df[SPLIT_COLUMN] == VALIDATION_SPLIT) & df[IS_GALLERY_COLUMN]
     is_train = df[SPLIT_COLUMN] == TRAIN_SPLIT
     mask = {"gallery": is_val_gallery, "train": is_train, "all": is_val_gallery | is_train}[rows]

@@ -4,7 +4,9 @@ Torch-free at module level: `--help`, a misspelt override, a missing value, a mi
 before the heavy stack (torch, Lightning, MLflow) is imported. A usage error (`ConfigError`, or Hydra's own
 composition error) is printed as ONE line `error: <message>` on stderr, with no traceback, and the process exits
 with `USAGE_EXIT_CODE`; one found before the job starts leaves no MLflow run and no run folder. Any other exception
-keeps its full traceback.
+keeps its full traceback. Ctrl-C prints one line `interrupted` and exits with `INTERRUPTED_EXIT_CODE` (the shell's
+128 + SIGINT), after the job's own clean-up (its run is already marked KILLED), also when Lightning turned the
+KeyboardInterrupt into `sys.exit(1)` on the way out.
 
 A script is::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
@@ -33,6 +36,10 @@ from metriclab.jobs.checks import check_config
 
 #: the exit status of a usage error (argparse's)
 USAGE_EXIT_CODE = 2
+#: the exit status after Ctrl-C (what a shell reports for a process killed by SIGINT)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+#: the start of the message torch gives an exception it re-raises from a DataLoader worker (then the traceback)
+WORKER_PREFIX = "Caught "
 
 #: entry name -> (module, function) of the job; imported only after the config passed its checks
 JOBS: Dict[str, Tuple[str, str]] = {
@@ -49,13 +56,41 @@ HYDRA_USAGE_ERRORS = (ConfigCompositionException, OverrideParseException, Search
 
 
 def one_line(message: Any) -> str:
-    """A (multi-line) message as one line: Hydra's and OmegaConf's messages span several."""
-    return " ".join(str(message).split())
+    """A (multi-line) message as one line: Hydra's and OmegaConf's messages span several. An error re-raised from a
+    DataLoader worker carries the worker's traceback: only its last line (`<type>: <message>`) is ours."""
+    text = str(message).strip()
+    if text.startswith(WORKER_PREFIX) and "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def usage_error(message: Any) -> NoReturn:
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
+
+
+def interrupted_exit() -> NoReturn:
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+class SigintWatch:
+    """Remembers that Ctrl-C came while raising KeyboardInterrupt as Python does: Lightning catches that and exits
+    with status 1, which alone cannot be told from a failure."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+        signal.default_int_handler(signum, frame)
+
+    def install(self) -> bool:
+        try:
+            signal.signal(signal.SIGINT, self.handler)
+        except ValueError:  # not the main thread: leave signals alone
+            return False
+        return True
 
 
 def hydra_overrides() -> List[str]:
@@ -137,6 +172,8 @@ def run(job: str, cfg: DictConfig) -> Any:
         # a job that opened its run wrote there (config.yaml, ...): that folder stays
         remove_unused_run_dir(outputs_dir_of(cfg))
         usage_error(e)
+    except KeyboardInterrupt:  # the run is already marked KILLED by its lifecycle
+        interrupted_exit()
 
 
 def launch(main: Callable[[], Any]) -> None:
@@ -144,6 +181,8 @@ def launch(main: Callable[[], Any]) -> None:
     group option) are one line too: Hydra re-raises them to us instead of printing them over several lines."""
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's complete traces
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    sigint = SigintWatch()
+    sigint.install()
     try:
         main()
     except HYDRA_USAGE_ERRORS as e:
@@ -151,6 +190,13 @@ def launch(main: Callable[[], Any]) -> None:
             raise
         cause = e.__cause__
         usage_error(f"{e} ({one_line(cause).split(' full_key:')[0]})" if cause is not None else e)
+    except KeyboardInterrupt:
+        interrupted_exit()
+    except SystemExit as e:
+        if sigint.received and e.code not in (0, None, USAGE_EXIT_CODE, INTERRUPTED_EXIT_CODE):
+            interrupted_exit()  # Lightning's sys.exit(1) after Ctrl-C
+        raise
 
 
-__all__ = ["JOBS", "USAGE_EXIT_CODE", "launch", "prepare", "run", "usage_error"]
+__all__ = ["INTERRUPTED_EXIT_CODE", "JOBS", "USAGE_EXIT_CODE", "interrupted_exit", "launch", "prepare", "run",
+           "usage_error"]

@@ -49,10 +49,12 @@ def _checked(cfg: DictConfig, overrides) -> Tuple[DictConfig, int, int]:
 
 
 def _validation_data(cfg: DictConfig) -> Tuple[ValidationData, Any]:
-    root = Path(cfg.dataset.root)
+    dataset = build(cfg.dataset, "dataset")
+    root = Path(dataset.root)
     transform = build(cfg.transforms.val, "transforms.val")
-    return build_validation_data(read_dataset_csv(root, cfg.dataset.csv), root, transform,
-                                 cfg.dataset.cache_size), transform
+    df = read_dataset_csv(root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
+    return build_validation_data(df, root, transform, dataset.cache_size,
+                                 on_bad_image=dataset.on_bad_image), transform
 
 
 def explain(cfg: DictConfig) -> Dict[str, Any]:
