@@ -36,6 +36,7 @@ from metriclab.training.callbacks import (
     TrainingMetrics,
     ValidateLastEpoch,
 )
+from metriclab.training.checkpoint_io import AtomicCheckpointIO, load_with_fallback, previous_path
 from metriclab.training.module import MetricLearningModule
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,16 @@ def resolve_resume(cfg: DictConfig) -> Tuple[Optional[Path], Optional[str]]:
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):
         ckpt_path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
-        if not ckpt_path.is_file():
+        if not ckpt_path.is_file() and not previous_path(ckpt_path).is_file():
             raise ConfigError(f"resume={cfg.resume}: {ckpt_path} does not exist (a run keeps last.ckpt after its "
                               f"first epoch); pass the run directory of a training run")
     if not ckpt_path:
         return None, None
     # only the run id is needed here (Lightning loads the weights itself): map the tensors rather than read them;
-    # torch can map only zip-format files, so a legacy one is still read as before
-    ckpt = load_checkpoint(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path))
-    return Path(ckpt_path), CheckpointMeta.from_checkpoint(ckpt).mlflow_run_id
+    # torch can map only zip-format files, so a legacy one is still read as before. A checkpoint that does not load
+    # (a write killed before checkpoints were written atomically) falls back to the one it replaced
+    path, ckpt = load_with_fallback(ckpt_path, lambda p: load_checkpoint(p, mmap=zipfile.is_zipfile(p)))
+    return path, CheckpointMeta.from_checkpoint(ckpt).mlflow_run_id
 
 
 def apply_freezing(extractor: torch.nn.Module, node: DictConfig) -> None:
@@ -101,7 +103,7 @@ def check_inputs(cfg: DictConfig) -> Checked:
                           f"{expected_metric_keys(evaluation)}")
     ckpt_path, resume_run_id = resolve_resume(cfg)
     dataset = build(cfg.dataset, "dataset")
-    df = read_dataset_csv(dataset.root, dataset.csv)
+    df = read_dataset_csv(dataset.root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
     return Checked(run_dir, run_name, overrides, ckpt_path, resume_run_id, dataset, df, evaluation)
 
 
@@ -111,9 +113,9 @@ def build_datamodule_and_module(cfg: DictConfig, checked: Checked) -> Tuple[Metr
     random initialisation (changing it changes every trained number)."""
     root = Path(checked.dataset.root)
     train_data = build_train_data(checked.df, root, build(cfg.transforms.train, "transforms.train"),
-                                  checked.dataset.cache_size)
+                                  checked.dataset.cache_size, on_bad_image=checked.dataset.on_bad_image)
     val_data = build_validation_data(checked.df, root, build(cfg.transforms.val, "transforms.val"),
-                                     checked.dataset.cache_size)
+                                     checked.dataset.cache_size, on_bad_image=checked.dataset.on_bad_image)
     log.info("train: %d images, %d classes; validation: %d queries, %d gallery", len(train_data.dataset),
              train_data.n_classes, int(val_data.is_query.sum()), int(val_data.is_gallery.sum()))
     extractor = build_extractor(cfg.extractor)
@@ -163,8 +165,9 @@ def build_loop(cfg: DictConfig, checked: Checked, tracked: TrackedRun, val_data:
                  CheckpointMetadata(meta)]
     if cfg.get("freeze_n_epochs"):
         callbacks.append(FreezeBackbone(int(cfg.freeze_n_epochs), head=cfg.get("head")))
+    # checkpoints written beside their final name and renamed, never half-written (see AtomicCheckpointIO)
     trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False, callbacks=callbacks,
-                    default_root_dir=str(checked.run_dir))
+                    default_root_dir=str(checked.run_dir), plugins=[AtomicCheckpointIO()])
     return Loop(trainer, best, last, publisher)
 
 
