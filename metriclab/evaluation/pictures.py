@@ -4,6 +4,7 @@ The metrics come from `metriclab.evaluation.validation` (the metric engine over 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +21,8 @@ from metriclab.core.atomic import atomic_savefig, write_csv_atomic  # noqa: E402
 from metriclab.data.datasets import ValidationData, class_names  # noqa: E402
 from metriclab.evaluation.report import RetrievalReport  # noqa: E402
 from metriclab.evaluation.spec import EvaluationConfigLike, as_evaluation_config  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def select_worst_queries(report: RetrievalReport, n: int) -> pd.DataFrame:
@@ -187,16 +190,64 @@ def format_metrics_table(metrics: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_tsne(embeddings: torch.Tensor, labels: np.ndarray, out_png: Path, max_points: int, seed: int = 0,
-              title: str = "") -> Path:
-    """t-SNE of (a label-stratified random sample of) the embeddings, one colour per label."""
+#: fewer distinct points than this make no picture (t-SNE needs neighbours to place a point among)
+TSNE_MIN_POINTS = 5
+#: the sample is reduced to this many principal components before the t-SNE: the neighbourhoods barely change and
+#: the neighbour search and PCA initialisation get several times cheaper at D = 512
+TSNE_PCA_DIMS = 50
+#: gradient steps (250 of them early exaggeration): the layout has settled by then, at half sklearn's default cost
+TSNE_MAX_ITER = 500
+#: Barnes-Hut accuracy: 0.8 halves the cost of a step against sklearn's 0.5 for a layout as trustworthy (0.693 vs
+#: 0.697, 10 neighbours, at Market size: bench/bench_validate.py's data)
+TSNE_ANGLE = 0.8
+
+
+def tsne_skip_reason(x: np.ndarray) -> Optional[str]:
+    """Why `x` (n x d) can make no t-SNE picture, or None. Collapsed rows (an untrained or broken model) crash
+    sklearn's Barnes-Hut t-SNE with a segfault, which no `except` catches, so they are found before it runs."""
+    if x.ndim != 2 or x.shape[1] < 2:
+        return f"the embeddings have {x.shape[1] if x.ndim == 2 else x.ndim} dimension(s), a 2-D map needs at least 2"
+    if not np.isfinite(x).all():
+        return "the embeddings contain NaN or inf"
+    x64 = x.astype(np.float64)
+    n_distinct = len(np.unique(x64, axis=0))
+    if n_distinct < TSNE_MIN_POINTS:
+        return (f"only {n_distinct} distinct point(s) among {len(x)} embeddings (at least {TSNE_MIN_POINTS} "
+                f"needed; all rows equal = a collapsed or untrained model)")
+    spread, scale = float(np.ptp(x64, axis=0).max()), float(np.abs(x64).max())
+    if spread <= 1e-6 * max(scale, 1e-12):
+        return f"the {len(x)} embeddings are one point up to rounding (spread {spread:.2e} at scale {scale:.2e})"
+    return None
+
+
+def tsne_coordinates(x: np.ndarray, seed: int = 0, pca_dims: Optional[int] = TSNE_PCA_DIMS,
+                     max_iter: int = TSNE_MAX_ITER, angle: float = TSNE_ANGLE) -> np.ndarray:
+    """2-D t-SNE coordinates of the rows of `x`: PCA to `pca_dims` first (when D is larger), then `max_iter`
+    steps at Barnes-Hut `angle`. `pca_dims=None, max_iter=1000, angle=0.5` is sklearn's plain default (what the
+    benchmark compares against)."""
+    from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    x = x.astype(np.float32)
+    if pca_dims is not None and x.shape[1] > pca_dims and len(x) > pca_dims:
+        x = PCA(pca_dims, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=max_iter,
+                angle=angle).fit_transform(x)
+
+
+def save_tsne(embeddings: torch.Tensor, labels: np.ndarray, out_png: Path, max_points: int, seed: int = 0,
+              title: str = "") -> Optional[Path]:
+    """t-SNE of (a random sample of) the embeddings, one colour per label; None (with a warning naming the
+    reason) when the sample is degenerate: too few distinct points, fewer than 2 dimensions, or collapsed."""
     rng = np.random.default_rng(seed)
     idx = np.arange(len(labels)) if len(labels) <= max_points else np.sort(rng.choice(len(labels), max_points, False))
     x = embeddings[idx].numpy()
-    perplexity = float(min(30.0, max(2.0, (len(idx) - 1) / 3)))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    reason = tsne_skip_reason(x)
+    if reason is not None:
+        log.warning("t-SNE plot %s skipped: %s", out_png, reason)
+        return None
+    xy = tsne_coordinates(x, seed)
     fig, ax = plt.subplots(figsize=(7, 7))
     lab = labels[idx]
     uniq = np.unique(lab)
@@ -206,7 +257,9 @@ def save_tsne(embeddings: torch.Tensor, labels: np.ndarray, out_png: Path, max_p
         ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(i % cmap.N), label=str(u) if len(uniq) <= 20 else None)
     if len(uniq) <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="best")
-    ax.set_title(f"{title}\nt-SNE of {len(idx)} of {len(labels)} validation embeddings, coloured by label", fontsize=9)
+    reduced = f", after PCA to {TSNE_PCA_DIMS} dims" if x.shape[1] > TSNE_PCA_DIMS and len(x) > TSNE_PCA_DIMS else ""
+    ax.set_title(f"{title}\nt-SNE of {len(idx)} of {len(labels)} validation embeddings{reduced}, coloured by label",
+                 fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()

@@ -1,9 +1,13 @@
 """Publishing one validation pass: metrics to the tracker (step = epoch), metrics.json, the worst-query grid and its
-CSV, and the t-SNE plot when asked. Used by the validation callback and by validate(cfg); no Lightning here."""
+CSV, and the t-SNE plot when asked. Used by the validation callback and by validate(cfg); no Lightning here.
+
+The pictures come after the metrics and never end a job: a picture that fails is a warning, the metrics, metrics.json
+and the run's status stay what they are."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -11,6 +15,19 @@ from metriclab.core.atomic import write_json_atomic
 from metriclab.data.datasets import ValidationData
 from metriclab.evaluation.pictures import save_tsne, save_worst_queries
 from metriclab.evaluation.report import RetrievalReport
+from metriclab.evaluation.spec import as_evaluation_config
+
+log = logging.getLogger(__name__)
+
+
+def draw_or_warn(picture: str, draw: Callable[[], List[Path]]) -> List[Path]:
+    """The files `draw()` wrote, or none with a warning naming `picture` when it fails (a missing image, a plotting
+    or t-SNE error): a picture is a convenience, the metrics are the result."""
+    try:
+        return draw()
+    except Exception as e:  # noqa: BLE001  (any failure of a picture is reported, never raised)
+        log.warning("%s skipped: %s: %s", picture, type(e).__name__, e)
+        return []
 
 
 def publish_validation(
@@ -21,6 +38,7 @@ def publish_validation(
     `cfg`: the `evaluation` group (`EvaluationConfig`, or its DictConfig). `tracked`: a `TrackedRun` or None (no
     tracker); `run_dir` None writes no file. `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`,
     files under `<tag>/`."""
+    cfg = as_evaluation_config(cfg)  # a misspelt key stays a usage error, not a skipped picture
     metrics = {k: float(v) for k, v in report.metrics.items()}
     prefix, folder = (tag, tag) if tag else ("val", f"epoch_{epoch:03d}")
     if tracked is not None:
@@ -28,13 +46,16 @@ def publish_validation(
     if run_dir is None:
         return
     write_json_atomic(run_dir / ("metrics.json" if not tag else f"metrics_{tag}.json"), metrics)
-    files = save_worst_queries(report, data, embeddings, run_dir / "worst_queries" / folder, cfg,
-                               title=folder.replace("_", " "))
+    title = folder.replace("_", " ")
+    files = draw_or_warn(f"worst-query grid {run_dir / 'worst_queries' / folder}", lambda: save_worst_queries(
+        report, data, embeddings, run_dir / "worst_queries" / folder, cfg, title=title))
     if tracked is not None:
         for f in files:
             tracked.log_artifact(f, f"worst_queries/{folder}")
     if cfg.tsne:
-        png = save_tsne(embeddings, data.labels, run_dir / "plots" / folder / "tsne.png", int(cfg.tsne_max_points),
-                        title=folder.replace("_", " "))
+        png = run_dir / "plots" / folder / "tsne.png"
+        plots = draw_or_warn(f"t-SNE plot {png}", lambda: [p for p in [save_tsne(
+            embeddings, data.labels, png, int(cfg.tsne_max_points), title=title)] if p is not None])
         if tracked is not None:
-            tracked.log_artifact(png, f"plots/{folder}")
+            for f in plots:
+                tracked.log_artifact(f, f"plots/{folder}")
