@@ -27,6 +27,7 @@ from metriclab.core.atomic import atomic_write
 from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
 from metriclab.data.datasets import ValidationData, build_validation_data, read_dataset_csv
+from metriclab.data.embeddings_file import check_embeddings_array, read_npz_array
 from metriclab.evaluation.pictures import format_metrics_table
 from metriclab.evaluation.validation import evaluate_validation
 from metriclab.inference.embed import embed_all
@@ -50,18 +51,18 @@ def load_embeddings_npz(path: str | Path, data: ValidationData) -> torch.Tensor:
             raise ConfigError(f"{path}: missing array `{key}` (found {npz.files}); expected `embeddings` (N x D "
                               f"float32) and `paths` (the CSV's validation paths), as written by "
                               f"export_embeddings=true")
-    emb, paths = npz["embeddings"], npz["paths"].astype(str)
+    # object/string/bool arrays, NaN/inf and float64 beyond float32 are one clear line each, never a silent cast
+    emb = check_embeddings_array(read_npz_array(npz, "embeddings", path), path)
+    paths = read_npz_array(npz, "paths", path).astype(str)
     if emb.ndim != 2 or len(emb) != len(paths):
         raise ConfigError(f"{path}: `embeddings` must be N x D with N = len(paths) = {len(paths)}, got {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ConfigError(f"{path}: `embeddings` contains NaN or inf")
     position = {p: i for i, p in enumerate(paths)}
     if len(position) != len(paths):
         raise ConfigError(f"{path}: `paths` has duplicates")
     missing = [p for p in data.paths if p not in position]
     if missing:
         raise ConfigError(f"{path}: {len(missing)} validation rows of the CSV have no embedding, e.g. {missing[:3]}")
-    return torch.from_numpy(emb[[position[p] for p in data.paths]].astype(np.float32))
+    return torch.from_numpy(emb[[position[p] for p in data.paths]])
 
 
 def save_embeddings_npz(path: Path, embeddings: torch.Tensor, data: ValidationData) -> None:
@@ -89,9 +90,11 @@ class ValidationInputs:
 
 def read_inputs(cfg: DictConfig) -> ValidationInputs:
     """The validation rows (the CSV and its images checked), and the embeddings file or checkpoint that exists."""
-    root = Path(cfg.dataset.root)
-    data = build_validation_data(read_dataset_csv(root, cfg.dataset.csv), root,
-                                 build(cfg.transforms.val, "transforms.val"), cfg.dataset.cache_size)
+    dataset = build(cfg.dataset, "dataset")
+    root = Path(dataset.root)
+    df = read_dataset_csv(root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
+    data = build_validation_data(df, root, build(cfg.transforms.val, "transforms.val"), dataset.cache_size,
+                                 on_bad_image=dataset.on_bad_image)
     if cfg.get("embeddings"):
         path = Path(cfg.embeddings)
         if not path.is_file():
