@@ -20,6 +20,7 @@ from metriclab.core.compat import (
     CompatError,
     check_version,
     ddp_finds_unused_parameters,
+    mlflow_logger_log_checkpoints,
     mlflow_reset_tracking_uri,
     neptune_stop_run,
     oml_hard_triplets,
@@ -139,6 +140,26 @@ def test_ddp_finds_unused_parameters_missing_private_name(monkeypatch):
     with pytest.raises(CompatError, match=r"^ddp_finds_unused_parameters: pytorch-lightning 2\.5\.\S+ has no "
                                           r"DDPStrategy\._ddp_kwargs"):
         ddp_finds_unused_parameters(strategy)
+
+
+def test_mlflow_logger_log_checkpoints_scans_only_a_pending_callback(tmp_path):
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert logger._initialized is False and logger._checkpoint_callback is None
+    assert mlflow_logger_log_checkpoints(logger) is False  # never initialized, no `log_model`: nothing to log
+    scanned = []
+    logger._initialized, logger._checkpoint_callback = True, "the checkpoint callback"
+    logger._scan_and_log_checkpoints = scanned.append
+    assert mlflow_logger_log_checkpoints(logger) is True
+    assert scanned == ["the checkpoint callback"]
+
+
+def test_mlflow_logger_log_checkpoints_missing_private_name():
+    with pytest.raises(CompatError, match=r"^mlflow_logger_log_checkpoints: pytorch-lightning 2\.5\.\S+ has no "
+                                          r"MLFlowLogger\._initialized, _checkpoint_callback or "
+                                          r"_scan_and_log_checkpoints"):
+        mlflow_logger_log_checkpoints(SimpleNamespace(_initialized=True, _checkpoint_callback=None))
 
 
 # ------------------------------------------------------------------------------------------------------------- OML

@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 from metriclab.core.errors import ConfigError
 from metriclab.core.paths import REPO_ROOT
 from metriclab.tracking.keys import default_tracking_uri
+from metriclab.tracking.loggers import RunMLFlowLogger
 from metriclab.tracking.run import JobTerminated, tracked_run
 from metriclab.tracking.tags import PACKAGES_TO_TAG
 
@@ -61,7 +62,8 @@ def the_run(tmp_path):
 def test_finished_run_has_tags_params_and_config_artifacts(tmp_path, store):
     cfg = make_cfg(tmp_path)
     with tracked_run(cfg, tmp_path / "run", "unit-0001", overrides=["trainer.max_epochs=3"]) as tracked:
-        assert [type(lg) for lg in tracked.loggers] == [MLFlowLogger]
+        assert [type(lg) for lg in tracked.loggers] == [RunMLFlowLogger]  # PL's, leaving the status to us
+        assert isinstance(tracked.loggers[0], MLFlowLogger)
         assert tracked.run_name == "unit-0001" and tracked.run_dir == tmp_path / "run"
         assert tracked.loggers[0].run_id == tracked.mlflow_run_id
         tracked.log_metrics({"val/cmc@1": 0.5, "val/mAP": 0.25}, step=0)

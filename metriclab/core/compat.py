@@ -102,6 +102,22 @@ def ddp_finds_unused_parameters(strategy: Any) -> bool:
     return bool(kwargs.get("find_unused_parameters", False))
 
 
+def mlflow_logger_log_checkpoints(logger: Any) -> bool:
+    """What PL's `MLFlowLogger.finalize` does besides ending the run: send the checkpoints it still has to log
+    (only with `log_model`) as artifacts. Returns whether there were any to scan. No public accessor exists."""
+    check_version("pytorch-lightning")
+    try:
+        initialized, callback = logger._initialized, logger._checkpoint_callback
+        scan = logger._scan_and_log_checkpoints
+    except AttributeError as e:
+        raise _missing("mlflow_logger_log_checkpoints", "pytorch-lightning", "MLFlowLogger._initialized, "
+                       "_checkpoint_callback or _scan_and_log_checkpoints", e) from e
+    if not (initialized and callback):
+        return False
+    scan(callback)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------------------- OML
 def oml_hard_triplets(distmat: Any, labels: Sequence[int]) -> Tuple[List[int], List[int], List[int]]:
     """OML's batch-hard triplet choice on a precomputed distance matrix (anchor, hardest positive, hardest negative)."""

@@ -9,8 +9,10 @@ fails. The resolvers registered here give the YAML facts defined once in Python 
 """
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import inspect
+import threading
 from pathlib import Path
 from typing import Any, Callable, Container, Dict, Iterator, List, Tuple
 
@@ -24,6 +26,20 @@ from metriclab.core.errors import ConfigError
 from metriclab.core.paths import REPO_ROOT
 from metriclab.core.schemas import SCHEMAS
 
+#: `${run_timestamp:}`: the run folder's and run name's time stamp, down to the microsecond
+RUN_TIMESTAMP_FORMAT = "%Y-%m-%d_%H-%M-%S_%f"
+_stamp_lock = threading.Lock()
+_last_stamp = [dt.datetime.min]
+
+
+def run_timestamp() -> str:
+    """Now, as a run folder name: microseconds, so two jobs started in the same second never share a folder, and
+    strictly increasing within a process, so neither do two configs composed one right after the other."""
+    with _stamp_lock:
+        _last_stamp[0] = max(dt.datetime.now(), _last_stamp[0] + dt.timedelta(microseconds=1))
+        return _last_stamp[0].strftime(RUN_TIMESTAMP_FORMAT)
+
+
 #: resolvers the YAML uses for facts defined once in Python: `${repo_root:}`, `${default_mlflow_uri:}`, ...
 RESOLVERS: Dict[str, Callable[..., Any]] = {
     "repo_root": lambda: str(REPO_ROOT),
@@ -34,6 +50,8 @@ RESOLVERS: Dict[str, Callable[..., Any]] = {
 for _name, _resolver in RESOLVERS.items():
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
+if not OmegaConf.has_resolver("run_timestamp"):  # cached: a config reads one time stamp however often it asks
+    OmegaConf.register_new_resolver("run_timestamp", run_timestamp, use_cache=True)
 
 
 def _signature_params(target: Any) -> Dict[str, inspect.Parameter]:

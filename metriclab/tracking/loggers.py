@@ -12,16 +12,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, MLFlowLogger, NeptuneLogger
 
-from metriclab.core.compat import neptune_stop_run
+from metriclab.core.compat import mlflow_logger_log_checkpoints, neptune_stop_run
 from metriclab.core.config import build, flatten
 from metriclab.tracking.keys import mlflow_metric_key
 from metriclab.tracking.mlflow_store import last_logged_steps, log_params, open_mlflow_run
 from metriclab.tracking.status import FINISHED
 
 log = logging.getLogger(__name__)
+
+
+class RunMLFlowLogger(MLFlowLogger):
+    """PL's MLFlowLogger, except that `finalize` leaves the run's status alone. Lightning calls it at the end of every
+    fit and validate, and PL's marks the run FINISHED there: a job killed after its first validation would show
+    FINISHED. Only the run lifecycle (`tracking.run`) ends the run."""
+
+    def finalize(self, status: str = "success") -> None:  # noqa: ARG002
+        mlflow_logger_log_checkpoints(self)
+
+
+#: the `_target_` of the MLflow logger: PL's own is replaced by it (`open_loggers`)
+RUN_MLFLOW_LOGGER = f"{RunMLFlowLogger.__module__}.{RunMLFlowLogger.__qualname__}"
 
 
 @dataclass
@@ -80,6 +94,20 @@ def is_mlflow_node(node: DictConfig) -> bool:
     return str(node.get("_target_", "")).endswith("MLFlowLogger")
 
 
+def run_owned_logger_node(node: DictConfig) -> DictConfig:
+    """`node` with PL's MLFlowLogger as its target replaced by `RunMLFlowLogger` (a copy, resolved: the config
+    itself, logged as params, keeps what the user wrote); any other target (a subclass of the user's) as it is."""
+    try:
+        target = get_object(str(node._target_))
+    except Exception:  # `build` says which key cannot be imported
+        return node
+    if target is not MLFlowLogger:
+        return node
+    owned = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(owned, dict)  # a config group is a mapping
+    return OmegaConf.create({**owned, "_target_": RUN_MLFLOW_LOGGER})
+
+
 def open_loggers(tracked: TrackedRun, node: DictConfig, tags: Dict[str, str], resume_run_id: Optional[str]) -> None:
     """Build the `logger` group into `tracked`. The MLflow run is recorded in `tracked` as soon as it exists, so it
     is closed (FAILED) even when building the logger itself fails."""
@@ -87,7 +115,7 @@ def open_loggers(tracked: TrackedRun, node: DictConfig, tags: Dict[str, str], re
         tracked.loggers.append(build(node, "logger", save_dir=str(tracked.run_dir), name=tracked.run_name))
         return
     tracked.mlflow_client, tracked.mlflow_run_id = open_mlflow_run(node, tracked.run_name, tags, resume_run_id)
-    tracked.loggers.append(build(node, "logger", run_id=tracked.mlflow_run_id))
+    tracked.loggers.append(build(run_owned_logger_node(node), "logger", run_id=tracked.mlflow_run_id))
     if resume_run_id:
         tracked.logged_until.update(last_logged_steps(tracked.mlflow_client, tracked.mlflow_run_id))
 
