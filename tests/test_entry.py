@@ -88,6 +88,21 @@ def test_resume_without_last_ckpt(tmp_path, tiny_dataset):
     assert_usage_error(proc, tmp_path, f"{tmp_path / 'old_run' / 'checkpoints' / 'last.ckpt'} does not exist")
 
 
+def test_resume_check_accepts_the_previous_checkpoint_train_falls_back_to(tmp_path, tiny_dataset):
+    """The entry check and train() agree: a run folder holding only last.prev.ckpt is resumable."""
+    from metriclab.jobs.checks import check_config
+    from tests.helpers import compose_cfg
+
+    ckpts = tmp_path / "old_run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    cfg = compose_cfg("train", [f"paths.outputs_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                                f"dataset.root={tiny_dataset}", f"resume={tmp_path / 'old_run'}"])
+    with pytest.raises(Exception, match="last.ckpt does not exist"):
+        check_config(cfg)
+    (ckpts / "last.prev.ckpt").write_bytes(b"x")
+    check_config(cfg)  # no error: train() resumes from it with a warning
+
+
 def test_predict_missing_images(tmp_path, tiny_dataset):
     proc = run_script("predict", [f"dataset.root={tiny_dataset}", "ckpt=null", f"images={tmp_path / 'x.jpg'}"],
                       tmp_path)

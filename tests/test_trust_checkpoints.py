@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from metriclab.core.atomic import atomic_write
+from metriclab.core.checkpoint import previous_path
 from metriclab.core.errors import ConfigError
 from metriclab.jobs.train import train
-from metriclab.training.checkpoint_io import AtomicCheckpointIO, load_with_fallback, previous_path
+from metriclab.training.checkpoint_io import AtomicCheckpointIO, load_with_fallback
 from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
 
 TRAIN_OVERRIDES = ["criterion=triplet_hard", "sampler=balance", "sampler.n_labels=4", "sampler.n_instances=3",

@@ -6,9 +6,18 @@ explain): everything goes through `CheckpointMeta`, so the key names live here o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from metriclab.core.errors import ConfigError
+
+
+def previous_path(path: Path | str) -> Path:
+    """Where the checkpoint `path` held before its last rewrite is kept: last.ckpt -> last.prev.ckpt (written by
+    training's AtomicCheckpointIO; a resume whose checkpoint does not load falls back to it)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
 
 #: the checkpoint dict's key that holds `CheckpointMeta.to_dict()`
 CHECKPOINT_META_KEY = "metriclab"

@@ -19,6 +19,7 @@ from typing import Any, Iterator, List, Optional, Set
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from metriclab.core.checkpoint import previous_path
 from metriclab.core.config import build, build_plain
 from metriclab.core.errors import ConfigError
 from metriclab.core.paths import CONFIGS_DIR
@@ -148,7 +149,7 @@ def check_files(cfg: DictConfig) -> None:
         if not Path(str(resume)).is_dir():
             raise ConfigError(f"resume={resume} is not a folder: pass the run directory of a training run "
                               f"(outputs/train/<timestamp>)")
-        if not last.is_file():
+        if not last.is_file() and not previous_path(last).is_file():  # train falls back to last.prev.ckpt
             raise ConfigError(f"resume={resume}: {last} does not exist (a run keeps last.ckpt after its first "
                               f"epoch); pass the run directory of a training run")
     if set_value(cfg, "embeddings") is not None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from metriclab.core.checkpoint import CheckpointMeta
+from metriclab.core.checkpoint import CheckpointMeta, previous_path
 from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
 from metriclab.core.schemas import DatasetConfig, EvaluationConfig
@@ -36,7 +36,7 @@ from metriclab.training.callbacks import (
     TrainingMetrics,
     ValidateLastEpoch,
 )
-from metriclab.training.checkpoint_io import AtomicCheckpointIO, load_with_fallback, previous_path
+from metriclab.training.checkpoint_io import AtomicCheckpointIO, load_with_fallback
 from metriclab.training.module import MetricLearningModule
 
 log = logging.getLogger(__name__)

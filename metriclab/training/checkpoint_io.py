@@ -18,18 +18,13 @@ from fsspec.utils import get_protocol
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from metriclab.core.atomic import atomic_write, remove_stale_temporaries
+from metriclab.core.checkpoint import previous_path
 from metriclab.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 #: the temporary name's suffix: `.last.ckpt.<random>.ckpt-tmp` beside last.ckpt
 TMP_SUFFIX = ".ckpt-tmp"
-
-
-def previous_path(path: Path | str) -> Path:
-    """Where the checkpoint `path` held before its last rewrite is kept: last.ckpt -> last.prev.ckpt."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def is_complete(path: Path) -> bool:
