@@ -27,8 +27,10 @@ Definitions (all exact; ``rank`` is 1-based, in the ranking of the non-excluded 
 - ``pcf@v``: OML's principal-components fraction over the query + gallery embeddings (a row that is both query and
   gallery, by id, is counted once).
 
-Numerics: embeddings are used as float32 on CPU. Euclidean ranks by ``|g|^2 - 2 q.g`` (the row constant ``|q|^2``
-cannot change a ranking; ``topk_distances`` add it back); cosine ranks by ``1 - q.g`` of unit-normalised copies.
+Numerics: embeddings are used as float32 on CPU, and the ranking is the exact order of their distances. Euclidean
+ranks by ``|g|^2 - 2 q.g`` of centred copies (the row constant ``|q|^2`` cannot change a ranking); cosine by
+``1 - q.g`` of unit-normalised copies. Where those float32 keys are too close to tell two items apart (within their
+rounding bound), the items are ordered by distances recomputed in float64; ``topk_distances`` are the float64 ones.
 
 Backends: ``"exact"`` (default) gives everything. ``"faiss-flat"`` (exact search) and ``"faiss-hnsw"``
 (approximate) give only the top-k metrics (cmc, map@k, precision@k, knn accuracy); ``mAP``/``mINP`` are left out of

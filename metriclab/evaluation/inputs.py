@@ -92,6 +92,14 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([(c * c).sum(1) for c in x.split(CHUNK_ROWS)])
 
 
+def joint_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The float32 mean row of `a` and `b` together, summed in float64 chunks (no N×D temporary)."""
+    total = torch.zeros(a.shape[1], dtype=torch.float64)
+    for chunk in (*a.split(CHUNK_ROWS), *b.split(CHUNK_ROWS)):
+        total += chunk.double().sum(0)
+    return (total / (a.shape[0] + b.shape[0])).to(torch.float32)
+
+
 def unit_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """Rows scaled to unit length (for cosine distance); a zero row is an error naming it."""
     norms = torch.linalg.vector_norm(x, dim=1)
@@ -160,5 +168,5 @@ def check_inputs(query: RetrievalSide, gallery: RetrievalSide) -> CheckedInputs:
     return CheckedInputs(q_emb, g_emb, q_lab, g_lab, q_ids, g_ids, q_seq, g_seq, categories)
 
 
-__all__ = ["CHUNK_ROWS", "CheckedInputs", "as_embeddings", "as_labels", "check_inputs", "squared_norms",
-           "to_numpy_1d", "unit_rows"]
+__all__ = ["CHUNK_ROWS", "CheckedInputs", "as_embeddings", "as_labels", "check_inputs", "joint_mean",
+           "squared_norms", "to_numpy_1d", "unit_rows"]

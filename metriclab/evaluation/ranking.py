@@ -10,22 +10,61 @@ import math
 import numpy as np
 
 
-def count_le_in_sorted_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """For each (row, value): how many entries of sorted_rows[row] are <= value (vectorised binary search)."""
-    n_cols = sorted_rows.shape[1]
-    flat = sorted_rows.reshape(-1)
-    base = rows * n_cols
-    lo = np.zeros(len(rows), dtype=np.int64)
-    hi = np.full(len(rows), n_cols, dtype=np.int64)
-    for _ in range(int(math.ceil(math.log2(n_cols + 1))) + 1):
+def count_le_in_segments(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                         values: np.ndarray) -> np.ndarray:
+    """For each i: how many entries of the ascending segment flat[starts[i] : starts[i] + lengths[i]] are <=
+    values[i] (a vectorised binary search)."""
+    lo = np.zeros(len(values), dtype=np.int64)
+    hi = np.asarray(lengths, dtype=np.int64).copy()
+    if flat.size == 0 or len(values) == 0:
+        return lo
+    last = np.maximum(hi - 1, 0)
+    for _ in range(int(math.ceil(math.log2(int(hi.max(initial=0)) + 1))) + 1):
         active = lo < hi
         if not active.any():
             break
         mid = (lo + hi) >> 1
-        go_right = flat[base + np.minimum(mid, n_cols - 1)] <= values
+        go_right = flat[starts + np.minimum(mid, last)] <= values
         lo = np.where(active & go_right, mid + 1, lo)
         hi = np.where(active & ~go_right, mid, hi)
     return lo
+
+
+def count_le_in_sorted_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each (row, value): how many entries of sorted_rows[row] are <= value (vectorised binary search)."""
+    n_cols = sorted_rows.shape[1]
+    lengths = np.full(len(rows), n_cols, dtype=np.int64)
+    return count_le_in_segments(sorted_rows.reshape(-1), rows * n_cols, lengths, values)
+
+
+def count_le_by_row(item_rows: np.ndarray, item_values: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                    n_rows: int) -> np.ndarray:
+    """For each (row, value): how many of the items (item_rows, item_values) in that row have a value <= it."""
+    order = np.lexsort((item_values, item_rows))
+    counts = np.bincount(item_rows, minlength=n_rows)
+    starts = np.cumsum(counts) - counts
+    return count_le_in_segments(item_values[order], starts[rows], counts[rows], values)
+
+
+def window_bounds(values: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (lo, hi) with lo <= values - tol and hi >= values + tol (rounded outwards: a wider window is safe)."""
+    wide = np.float32(np.inf)
+    lo = np.nextafter((values.astype(np.float64) - tol).astype(np.float32), -wide)
+    hi = np.nextafter((values.astype(np.float64) + tol).astype(np.float32), wide)
+    return lo, hi
+
+
+def near_tie_rows(rows: np.ndarray, values: np.ndarray, tol: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
+    """Rows where a wrong item's key lies within `tol` of a true match's key (rows, values: the true matches' keys;
+    tol: the key error bound of each): float32 cannot say which of the two is nearer, so those rows are re-ranked
+    exactly. Items outside every such window are ordered correctly by their float32 keys."""
+    n_rows = sorted_rows.shape[0]
+    lo, hi = window_bounds(values, tol)
+    in_window = count_le_in_sorted_rows(sorted_rows, rows, hi) - count_le_in_sorted_rows(sorted_rows, rows, lo)
+    true_in_window = count_le_by_row(rows, values, rows, hi, n_rows) - count_le_by_row(rows, values, rows, lo, n_rows)
+    near = np.zeros(n_rows, dtype=bool)
+    near[rows[in_window > true_in_window]] = True
+    return near
 
 
 def pessimistic_ranks(
@@ -84,4 +123,5 @@ def knn_correct(top_labels: np.ndarray, top_valid: np.ndarray, query_labels: np.
     return out
 
 
-__all__ = ["count_le_in_sorted_rows", "knn_correct", "order_topk", "pessimistic_ranks"]
+__all__ = ["count_le_by_row", "count_le_in_segments", "count_le_in_sorted_rows", "knn_correct", "near_tie_rows",
+           "order_topk", "pessimistic_ranks", "window_bounds"]
