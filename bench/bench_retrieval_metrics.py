@@ -50,7 +50,8 @@ keys are within their rounding bound of a true match's key (or of the k-th key) 
 distances, so the ranking is the exact one. Random embeddings at this size are the hard case for that check: true
 matches sit in the middle of their row's distances, where keys are densest, so 85–100 % of the rows hold an item
 within the bound of a true match and are re-ranked in float64; with clustered embeddings (true matches near the
-top, as with a trained model) few rows are. pcf uses the covariance eigenvalues (a chunked D×D Gram) instead of OML's SVD of the whole N×D matrix, with OML's component count. Only per-query numbers are kept.
+top, as with a trained model) few rows are. pcf uses the covariance eigenvalues (a chunked D×D Gram) instead of
+OML's SVD of the whole N×D matrix, with OML's component count. Only per-query numbers are kept.
 """
 MARKET = dict(n_query=3368, n_gallery=19732, dim=512, n_ids=1500)
 BIG = dict(n_query=60000, n_gallery=60000, dim=512, n_ids=6000)
