@@ -11,13 +11,21 @@ from omegaconf import OmegaConf
 from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
 from metriclab.core.paths import CONFIGS_DIR, REPO_ROOT
-from metriclab.core.schemas import DatasetConfig, PathsConfig
+from metriclab.core.schemas import (
+    AlphaQEConfig,
+    AverageQEConfig,
+    DatasetConfig,
+    DBAConfig,
+    KReciprocalConfig,
+    PathsConfig,
+)
+from metriclab.evaluation.postprocess import steps_from_config
 from metriclab.jobs.checks import check_config
 from metriclab.models.extractors import build_extractor
 from tests.helpers import compose_cfg
 
 GROUPS = ["dataset", "extractor", "criterion", "sampler", "optimizer", "scheduler", "transforms", "evaluation",
-          "logger", "trainer", "paths", "index"]
+          "logger", "trainer", "paths", "index", "postprocess"]
 #: the primary config that holds each group (the others are all in train.yaml)
 PRIMARY_OF = {"index": "predict"}
 #: SGD lr=0.1, trainer.max_epochs=10 (trainer=cpu): the rate of epochs 0, 1, 2, 3, 5, 10, 40, 70, by hand
@@ -120,6 +128,11 @@ def test_every_group_option_instantiates(tmp_path, group, option):
     elif group == "index":
         built = build(node, "index")
         assert (built.kind, built.m, built.ef_construction, built.ef_search) == (option, 32, 200, 128)
+    elif group == "postprocess":
+        expected = {"none": (), "k_reciprocal": (KReciprocalConfig(k1=20, k2=6, lambda_value=0.3),),
+                    "aqe": (AverageQEConfig(k=5),), "alpha_qe": (AlphaQEConfig(k=5, alpha=3.0),),
+                    "dba": (DBAConfig(k=5, alpha=0.0),)}
+        assert steps_from_config(node) == expected[option]
     elif group == "dataset":
         assert build(node, "dataset") == DatasetConfig(root=str(tmp_path), csv="dataset.csv", cache_size=0)
     elif group == "paths":

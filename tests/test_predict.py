@@ -50,8 +50,9 @@ def predict_cfg(trained, tmp_path, *extra):
         *extra])
 
 
-def reference_embeddings(ckpt: Path, paths) -> np.ndarray:
-    """Embeddings computed the plain way: the checkpoint's architecture, its weights, the digits transform."""
+def reference_embeddings(ckpt: Path, paths, flip: bool = False) -> np.ndarray:
+    """Embeddings computed the plain way: the checkpoint's architecture, its weights, the digits transform; `flip`:
+    the mean with the left-right mirrored batch's (the digits extractor does not normalise)."""
     from omegaconf import OmegaConf
     from oml.utils.images.images import imread_cv2
 
@@ -62,6 +63,8 @@ def reference_embeddings(ckpt: Path, paths) -> np.ndarray:
     transform = build(compose_cfg("predict", ["transforms=digits"]).transforms.val, "transforms.val")
     batch = torch.stack([transform(image=imread_cv2(Path(p).read_bytes()))["image"] for p in paths])
     with torch.no_grad():
+        if flip:
+            return ((extractor(batch) + extractor(torch.flip(batch, dims=[-1]))) / 2).numpy()
         return extractor(batch).numpy()
 
 
@@ -116,7 +119,9 @@ def test_predictions_json_values_pictures_and_skipped(trained, tmp_path, caplog)
     labels_of = dict(zip(gallery_paths, val["label"]))
     ref_gallery = reference_embeddings(trained["ckpt"], gallery_paths)
     for rec in records:
-        assert set(rec) == {"image", "neighbours", "predicted_class", "predicted_label", "votes"}
+        assert set(rec) == {"image", "neighbours", "predicted_class", "predicted_label", "votes", "postprocess",
+                            "flip_tta"}
+        assert (rec["postprocess"], rec["flip_tta"]) == ("none", False)
         nbs = rec["neighbours"]
         assert len(nbs) == K
         assert all(set(n) == {"path", "label", "class_name", "distance"} for n in nbs)
@@ -232,6 +237,32 @@ def test_hnsw_and_flat_agree_on_a_small_gallery(trained, tmp_path):
     for a, b in zip(flat["records"], hnsw["records"]):
         assert [n["path"] for n in a["neighbours"]] == [n["path"] for n in b["neighbours"]]
         assert a["predicted_label"] == b["predicted_label"]
+
+
+def test_post_processing_and_flip_tta_follow_the_reference(trained, tmp_path):
+    """postprocess=k_reciprocal: the neighbours and distances are the re-ranked ones of the dense reference over the
+    query and gallery embeddings; flip TTA: both sides are the mean over the mirror images."""
+    from tests.rerank_reference import rerank_dense_reference
+
+    query = trained["root"] / "validation/5"
+    out = predict(predict_cfg(trained, tmp_path, f"images={query}", "max_pictures=0", "postprocess=k_reciprocal",
+                              "postprocess.k_reciprocal.k1=6", "postprocess.k_reciprocal.k2=3"))
+    gallery = out["gallery"]
+    q_paths = [r["image"] for r in out["records"]]
+    q_emb = reference_embeddings(trained["ckpt"], q_paths)
+    final = rerank_dense_reference(q_emb, gallery.embeddings, k1=6, k2=3, lambda_value=0.3, v_dtype=np.float64)
+    for row, record in enumerate(out["records"]):
+        assert record["postprocess"] == "k_reciprocal(k1=6, k2=3, lambda_value=0.3)" and record["flip_tta"] is False
+        order = np.argsort(final[row], kind="stable")[:K]
+        assert [n["path"] for n in record["neighbours"]] == gallery.table["path"].iloc[order].tolist()
+        np.testing.assert_allclose([n["distance"] for n in record["neighbours"]], final[row, order], atol=1e-5)
+    flipped = predict(predict_cfg(trained, tmp_path, f"images={query}", "max_pictures=0", "evaluation.flip_tta=true",
+                                  f"cache_dir={tmp_path}/cache_flip"))
+    paths = gallery.table["path"].tolist()
+    np.testing.assert_allclose(flipped["gallery"].embeddings, reference_embeddings(trained["ckpt"], paths, flip=True),
+                               atol=1e-4)
+    assert not np.allclose(flipped["gallery"].embeddings, reference_embeddings(trained["ckpt"], paths), atol=1e-2)
+    assert flipped["records"][0]["flip_tta"] is True
 
 
 def test_gallery_folder_and_train_rows(trained, tmp_path):

@@ -43,6 +43,7 @@ class EvaluationConfig:
     grid_missed: int = 2
     tsne: bool = False
     tsne_max_points: int = 2000
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         check_choice("evaluation.distance", self.distance, DISTANCES)
@@ -87,13 +88,83 @@ class PathsConfig:
     mlartifacts: str = MISSING
 
 
+def check_positive(key: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`{key}={value}` must be a positive integer")
+
+
+def check_unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"`{key}={value}` must lie in [0, 1]")
+
+
+@dataclass
+class KReciprocalConfig:
+    """`postprocess.k_reciprocal`: k-reciprocal re-ranking (Zhong et al., CVPR 2017), fast-reid's defaults."""
+
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_positive("postprocess.k_reciprocal.k1", self.k1)
+        check_positive("postprocess.k_reciprocal.k2", self.k2)
+        check_unit_interval("postprocess.k_reciprocal.lambda_value", self.lambda_value)
+
+
+@dataclass
+class AverageQEConfig:
+    """`postprocess.aqe`: average query expansion over the top `k` gallery items (Chum et al., 2007)."""
+
+    k: int = 5
+
+    def __post_init__(self) -> None:
+        check_positive("postprocess.aqe.k", self.k)
+
+
+@dataclass
+class AlphaQEConfig:
+    """`postprocess.alpha_qe`: alpha-weighted query expansion (Radenovic et al., 2018), fast-reid's k and alpha."""
+
+    k: int = 5
+    alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_positive("postprocess.alpha_qe.k", self.k)
+        if self.alpha < 0:
+            raise ConfigError(f"`postprocess.alpha_qe.alpha={self.alpha}` must be >= 0")
+
+
+@dataclass
+class DBAConfig:
+    """`postprocess.dba`: database-side augmentation over each gallery item's top `k` gallery neighbours."""
+
+    k: int = 5
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive("postprocess.dba.k", self.k)
+        if self.alpha < 0:
+            raise ConfigError(f"`postprocess.dba.alpha={self.alpha}` must be >= 0")
+
+
+#: the post-processing steps (`postprocess.<name>`), in the order a chain may use them
+POSTPROCESS_STEPS = {
+    "dba": DBAConfig,
+    "aqe": AverageQEConfig,
+    "alpha_qe": AlphaQEConfig,
+    "k_reciprocal": KReciprocalConfig,
+}
+
 #: group key -> its schema; `build` looks plain-value groups up here
 SCHEMAS = {
     "evaluation": EvaluationConfig,
     "dataset": DatasetConfig,
     "index": IndexConfig,
     "paths": PathsConfig,
+    **POSTPROCESS_STEPS,
 }
 
-__all__ = ["BACKENDS", "INDEX_KINDS", "ON_BAD_IMAGE", "EvaluationConfig", "DatasetConfig", "IndexConfig",
-           "PathsConfig", "SCHEMAS"]
+__all__ = ["BACKENDS", "INDEX_KINDS", "ON_BAD_IMAGE", "POSTPROCESS_STEPS", "AlphaQEConfig", "AverageQEConfig",
+           "DBAConfig", "DatasetConfig", "EvaluationConfig", "IndexConfig", "KReciprocalConfig", "PathsConfig",
+           "SCHEMAS", "check_positive", "check_unit_interval"]

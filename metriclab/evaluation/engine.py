@@ -45,11 +45,14 @@ puts them in order.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from metriclab.evaluation.blocks import Pairs, plan_blocks
 from metriclab.evaluation.exact import run_exact
 from metriclab.evaluation.faiss_backend import run_faiss
 from metriclab.evaluation.inputs import check_inputs
 from metriclab.evaluation.pcf import pcf_of_inputs
+from metriclab.evaluation.postprocess import RerankedKeys, apply_steps
 from metriclab.evaluation.report import PER_QUERY_COLUMNS, QueryState, RetrievalReport, build_report, warn_skipped
 from metriclab.evaluation.spec import RetrievalSide, RetrievalSpec
 
@@ -71,7 +74,16 @@ def evaluate_retrieval(
     pairs = Pairs.of(inputs)
     blocks = plan_blocks(inputs.n_q, inputs.n_g, spec.block_size, pairs.positives.query_counts + pairs.excluded_counts)
     state = QueryState(inputs.n_q, spec)
-    backend_name = (run_exact if spec.exact else run_faiss)(inputs, pairs, blocks, spec, state)
+    ranked, keys = inputs, None
+    if spec.postprocess:
+        q_emb, g_emb, reranker = apply_steps(spec.postprocess, inputs.q_emb, inputs.g_emb, spec.distance == "cosine")
+        ranked = replace(inputs, q_emb=q_emb, g_emb=g_emb)
+        keys = None if reranker is None else RerankedKeys(reranker, inputs.n_q)
+    if spec.exact:
+        backend_name = run_exact(ranked, pairs, blocks, spec, state, keys)
+    else:
+        backend_name = run_faiss(ranked, pairs, blocks, spec, state)
+    # pcf describes the embeddings themselves, not a ranking: from the inputs as given
     report = build_report(state, spec, pcf_of_inputs(inputs, spec.pcf_variance), backend_name, inputs.categories)
     warn_skipped(report.per_query["valid"].to_numpy(), stacklevel=2)  # points at our caller
     return report

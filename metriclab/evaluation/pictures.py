@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 
 from metriclab.core.atomic import atomic_savefig, write_csv_atomic  # noqa: E402
 from metriclab.data.datasets import ValidationData, class_names  # noqa: E402
-from metriclab.evaluation.report import RetrievalReport  # noqa: E402
+from metriclab.evaluation.report import PLAIN_PREFIX, RetrievalReport  # noqa: E402
 from metriclab.evaluation.spec import EvaluationConfigLike, as_evaluation_config  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,9 @@ def _grid_title(report: RetrievalReport, n_rows: int, k: int, title: str) -> str
     else:
         rule = (f"{n_rows} worst queries by first-hit rank (no true match in the searched list first, then the "
                 f"latest first true match; backend {report.backend.split(' (')[0]} gives no AP). ")
+    after = "" if report.postprocess == "none" else f", ranking after post-processing: {report.postprocess}"
     return (f"{title}\n{rule}Green = right, red = wrong, gray = true matches missed from the top {k}. "
-            f"Distance: {report.distance}")
+            f"Distance: {report.distance}{after}")
 
 
 def draw_worst_queries(
@@ -180,13 +181,25 @@ def save_worst_queries(
     return [png, csv]
 
 
+def _cell(key: str, value: Any) -> str:
+    is_count = key.rsplit("/", 1)[-1].startswith("n_") and float(value).is_integer()
+    return str(int(value)) if is_count else f"{value:.4f}"
+
+
 def format_metrics_table(metrics: Dict[str, Any]) -> str:
-    width = max(len(k) for k in metrics) if metrics else 0
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    for k in sorted(metrics):
-        v = metrics[k]
-        is_count = k.rsplit("/", 1)[-1].startswith("n_") and float(v).is_integer()
-        lines.append(f"{k:<{width}}  {int(v)}" if is_count else f"{k:<{width}}  {v:.4f}")
+    """The metrics as a text table, one per line. With post-processing (`plain/<metric>` keys beside the
+    post-processed `<metric>`), two columns side by side: plain and post-processed."""
+    plain = {k[len(PLAIN_PREFIX):]: v for k, v in metrics.items() if k.startswith(PLAIN_PREFIX)}
+    rows = {k: v for k, v in metrics.items() if not k.startswith(PLAIN_PREFIX)}
+    width = max(len(k) for k in rows) if rows else 0
+    if not plain:
+        lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+        lines += [f"{k:<{width}}  {_cell(k, rows[k])}" for k in sorted(rows)]
+        return "\n".join(lines)
+    lines = [f"{'metric':<{width}}  {'plain':>8}  post-processed", f"{'-' * width}  {'-' * 8}  --------------"]
+    for k in sorted(rows):
+        before = _cell(k, plain[k]) if k in plain else "-"
+        lines.append(f"{k:<{width}}  {before:>8}  {_cell(k, rows[k])}")
     return "\n".join(lines)
 
 

@@ -8,10 +8,15 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from metriclab.evaluation.postprocess import describe
 from metriclab.evaluation.ranking import knn_correct
 from metriclab.evaluation.spec import RetrievalSpec
 
 PER_QUERY_COLUMNS = ("query_index", "valid", "first_hit_rank", "ap", "inp", "n_true")
+
+
+#: the plain ranking's metrics beside post-processed ones: `plain/mAP`, ...
+PLAIN_PREFIX = "plain/"
 
 
 @dataclass
@@ -24,7 +29,8 @@ class RetrievalReport:
     invalid or no hit), ``ap``, ``inp`` (NaN when invalid), ``n_true`` (after exclusions), plus ``category`` when
     categories were given.
     ``topk_ids`` / ``topk_distances``: ``[Q, keep_top_k]`` nearest non-excluded gallery indices and their distances,
-    nearest first, padded with -1 / inf.
+    nearest first, padded with -1 / inf. ``postprocess``: the post-processing the ranking comes from (`none`, or
+    the chain as `metriclab.evaluation.postprocess.describe` writes it); the distances are then the re-ranked ones.
     """
 
     metrics: dict[str, float]
@@ -33,6 +39,7 @@ class RetrievalReport:
     topk_distances: np.ndarray
     distance: str
     backend: str
+    postprocess: str = "none"
 
 
 class QueryState:
@@ -146,7 +153,9 @@ def build_report(state: QueryState, spec: RetrievalSpec, pcf_values: Sequence[fl
             metrics[f"{category}/n_queries"] = float((valid & in_cat).sum())
             metrics[f"{category}/n_queries_skipped"] = float((~valid & in_cat).sum())
     return RetrievalReport(metrics=metrics, per_query=per_query, topk_ids=state.topk_ids,
-                           topk_distances=state.topk_distances, distance=spec.distance, backend=backend_name)
+                           topk_distances=state.topk_distances, distance=spec.distance, backend=backend_name,
+                           postprocess=describe(spec.postprocess))
 
 
-__all__ = ["PER_QUERY_COLUMNS", "QueryState", "RetrievalReport", "build_report", "reduce_metrics", "warn_skipped"]
+__all__ = ["PER_QUERY_COLUMNS", "PLAIN_PREFIX", "QueryState", "RetrievalReport", "build_report", "reduce_metrics",
+           "warn_skipped"]

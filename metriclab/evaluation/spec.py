@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from metriclab.core.config import build
 from metriclab.core.constants import DISTANCES
-from metriclab.core.schemas import BACKENDS, EvaluationConfig
+from metriclab.core.schemas import BACKENDS, EvaluationConfig, KReciprocalConfig
+from metriclab.evaluation.postprocess import check_chain
 
 #: what the validation code accepts as the `evaluation` group: the built schema, or (while callers still pass the
 #: raw node) a DictConfig or dict that `build` turns into it
@@ -64,7 +65,8 @@ class RetrievalSpec:
     ``"faiss-flat"`` (exact search, top-k metrics only) or ``"faiss-hnsw"`` (approximate, top-k metrics only;
     ``hnsw_m``, ``hnsw_ef_construction``, ``hnsw_ef_search`` are its parameters). ``keep_top_k``: length of the
     nearest-gallery lists in the report. ``block_size``: queries per block (None: a block's float32 distances stay
-    within ~64 MB), so memory stays bounded as the gallery grows.
+    within ~64 MB), so memory stays bounded as the gallery grows. ``postprocess``: the chain of post-processing
+    steps (`metriclab.evaluation.postprocess`; empty = the plain ranking).
     """
 
     cmc_top_k: tuple[int, ...] = (1, 5, 10)
@@ -79,6 +81,7 @@ class RetrievalSpec:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 256
+    postprocess: tuple = ()
 
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
@@ -99,6 +102,11 @@ class RetrievalSpec:
         for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        object.__setattr__(self, "postprocess", tuple(self.postprocess))
+        check_chain(self.postprocess)
+        if any(isinstance(s, KReciprocalConfig) for s in self.postprocess) and not self.exact:
+            raise ValueError(f"postprocess k_reciprocal re-ranks the whole gallery: it needs backend='exact', got "
+                             f"{self.backend!r}")
 
     @property
     def exact(self) -> bool:

@@ -16,6 +16,7 @@ from oml.const import INPUT_TENSORS_KEY
 from torch.utils.data import DataLoader, Dataset
 
 from metriclab.core.errors import ConfigError
+from metriclab.models.tta import extract_maybe_flip
 
 #: `trainer.precision` values -> the autocast dtype (None = plain fp32). Lightning's aliases are accepted too.
 PRECISIONS = {
@@ -98,9 +99,10 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def embed_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 128, num_workers: int = 0,
-                  precision: Any = None) -> Tuple[np.ndarray, List[int], List[Tuple[int, str]]]:
+                  precision: Any = None, flip_tta: bool = False) -> Tuple[np.ndarray, List[int], List[Tuple[int, str]]]:
     """Embeddings of the readable items (float32 [n_ok, D], in item order), their item indices, and the failures
-    as (item index, reason). Runs on the model's device in `precision` (a `trainer.precision` value)."""
+    as (item index, reason). Runs on the model's device in `precision` (a `trainer.precision` value). `flip_tta`:
+    each embedding is the mean of the image's and its horizontal flip's (`metriclab.models.tta`)."""
     model.eval()
     device = _model_device(model)
     extract = getattr(model, "extract", model)
@@ -111,7 +113,7 @@ def embed_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 12
         failed += bad
         if tensors is not None:
             with precision_context(precision, device):
-                out = extract(tensors.to(device))
+                out = extract_maybe_flip(extract, tensors.to(device), flip_tta)
             chunks.append(out.detach().float().cpu().numpy())
             ok_ids += ids
     emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
@@ -125,10 +127,10 @@ def list_failures(failed: Sequence[Tuple[int, str]], paths: Sequence[str], n: in
 
 
 def embed_all(model: torch.nn.Module, dataset: Dataset, paths: Sequence[str], what: str, batch_size: int = 128,
-              num_workers: int = 0, precision: Any = None, hint: str = "") -> np.ndarray:
+              num_workers: int = 0, precision: Any = None, hint: str = "", flip_tta: bool = False) -> np.ndarray:
     """Embeddings of every item (float32 [N, D], item order); any unreadable image is a ConfigError listing them.
     `paths[i]` names item i in the message, `what` says which images they are (e.g. "validation")."""
-    emb, _, failed = embed_dataset(model, dataset, batch_size, num_workers, precision)
+    emb, _, failed = embed_dataset(model, dataset, batch_size, num_workers, precision, flip_tta)
     if failed:
         raise ConfigError(f"{len(failed)} {what} image(s) cannot be read: {list_failures(failed, paths)}{hint}")
     return emb

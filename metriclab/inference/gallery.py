@@ -131,26 +131,36 @@ def index_spec(cfg: DictConfig) -> IndexSpec:
     return IndexSpec.from_config(build(cfg.get("index"), "index"), cfg.get("distance", "euclidean"))
 
 
+def flip_tta_of(cfg: DictConfig) -> bool:
+    """predict's `evaluation.flip_tta` (its config holds only that key of the group)."""
+    evaluation = cfg.get("evaluation") or {}
+    return bool(evaluation.get("flip_tta", False))
+
+
 def gallery_index(cfg: DictConfig, extractor: LoadedExtractor, transform: Any) -> GalleryIndex:
     """Gallery embeddings + faiss index from the cache when checkpoint, gallery, transforms and index match."""
     table, gallery_parts = folder_gallery(cfg.gallery) if cfg.get("gallery") else dataset_gallery(cfg)
     spec = index_spec(cfg)
     cache_dir = Path(cfg.cache_dir) if cfg.get("use_cache", True) and cfg.get("cache_dir") else None
+    flip_tta = flip_tta_of(cfg)
     key_parts: Dict[str, Any] = {}
     if cache_dir is not None:  # the key hashes the checkpoint and stats every gallery file: only worth it for a cache
         key_parts = {**extractor.key_parts(), "gallery": with_fingerprints(table, gallery_parts),
                      "transforms": OmegaConf.to_container(cfg.transforms.val, resolve=True)}
+        if flip_tta:  # only when on: caches written before the key existed stay valid
+            key_parts["flip_tta"] = True
 
     def compute() -> Tuple[np.ndarray, pd.DataFrame]:
         log.info("embedding %d gallery images", len(table))
         paths = table["path"].tolist()
         emb = embed_all(extractor.model, ImageBaseDataset(paths=paths, transform=transform), paths, "gallery",
                         int(cfg.batch_size), int(cfg.num_workers), extractor.precision,
-                        hint=". Replace or remove them (the converters skip unreadable files when they write the CSV)")
+                        hint=". Replace or remove them (the converters skip unreadable files when they write the CSV)",
+                        flip_tta=flip_tta)
         return emb, table
 
     return load_or_build_gallery(compute, key_parts, spec, cache_dir)
 
 
-__all__ = ["GALLERY_ROWS", "collect_images", "dataset_gallery", "folder_gallery", "gallery_index", "index_spec",
-           "with_fingerprints"]
+__all__ = ["GALLERY_ROWS", "collect_images", "dataset_gallery", "flip_tta_of", "folder_gallery", "gallery_index",
+           "index_spec", "with_fingerprints"]

@@ -72,7 +72,8 @@ def explain(cfg: DictConfig) -> Dict[str, Any]:
             tracked.mlflow_client.set_tag(tracked.mlflow_run_id, "explained_run_id", str(cfg.run))
         extractor = load_extractor(cfg)
         emb = embed_all(extractor.model, val_data.dataset, [str(val_data.root / p) for p in val_data.paths],
-                        "validation", int(cfg.batch_size), int(cfg.num_workers), extractor.precision)
+                        "validation", int(cfg.batch_size), int(cfg.num_workers), extractor.precision,
+                        flip_tta=evaluation.flip_tta)
         embeddings = torch.from_numpy(emb)
         report = evaluate_validation(embeddings, val_data, evaluation)
         worst = select_worst_queries(report, n_queries)

@@ -24,8 +24,9 @@ from oml.datasets import ImageBaseDataset
 from metriclab.core.atomic import write_json_atomic
 from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
+from metriclab.evaluation.postprocess import check_sizes, describe, ranked_topk, steps_from_config
 from metriclab.inference.embed import embed_dataset, list_failures
-from metriclab.inference.gallery import collect_images, gallery_index
+from metriclab.inference.gallery import collect_images, flip_tta_of, gallery_index
 from metriclab.inference.model import load_extractor, warn_if_transforms_differ
 from metriclab.inference.predictions import draw_prediction, prediction_records, summary_lines
 from metriclab.inference.search_index import GalleryIndex
@@ -56,6 +57,7 @@ def predict(cfg: DictConfig) -> Dict[str, Any]:
     k = _check_k(cfg.k)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
+    postprocess = steps_from_config(cfg.get("postprocess"))
     queries = [str(p) for p in collect_images(cfg.images)]
     extractor = load_extractor(cfg)
     warn_if_transforms_differ(cfg, extractor.meta)
@@ -63,23 +65,33 @@ def predict(cfg: DictConfig) -> Dict[str, Any]:
     gallery = gallery_index(cfg, extractor, transform)
     if k > len(gallery.table):
         raise ConfigError(f"k={k} but the gallery has only {len(gallery.table)} image(s): lower `k`")
+    check_sizes(postprocess, len(queries), len(gallery.table))
 
     q_emb, ok_ids, failed = embed_dataset(extractor.model, ImageBaseDataset(paths=queries, transform=transform),
-                                          int(cfg.batch_size), int(cfg.num_workers), extractor.precision)
+                                          int(cfg.batch_size), int(cfg.num_workers), extractor.precision,
+                                          flip_tta_of(cfg))
     skipped = [{"image": queries[i], "reason": reason} for i, reason in failed]
     for s in skipped:
         log.warning("skipped %s: %s", s["image"], s["reason"])
     if not ok_ids:
         raise ConfigError(f"none of the {len(queries)} image(s) of images={cfg.images} could be read: "
                           f"{list_failures(failed, queries)}")
-    distances, ids = gallery.search(q_emb, k)
+    if postprocess:  # exact search over the post-processed embeddings / re-ranked distances, not the faiss index
+        distances, ids = ranked_topk(postprocess, torch.from_numpy(q_emb), torch.from_numpy(gallery.embeddings), k,
+                                     gallery.spec.distance)
+    else:
+        distances, ids = gallery.search(q_emb, k)
     records = prediction_records([queries[i] for i in ok_ids], distances, ids, gallery.table)
+    for record in records:
+        record["postprocess"] = describe(postprocess)
+        record["flip_tta"] = flip_tta_of(cfg)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_json = write_json_atomic(run_dir / f"predictions_{stamp}.json", records)
     pictures = _draw_pictures(records, run_dir / f"predictions_{stamp}", cfg.get("max_pictures"))
     print(f"\n{run_name}: {len(records)} image(s) predicted, {len(skipped)} skipped; gallery {len(gallery.table)} "
-          f"images, index {gallery.spec.describe()} ({_cache_note(gallery)})\n" + "\n".join(summary_lines(records, k))
+          f"images, index {gallery.spec.describe()} ({_cache_note(gallery)}), post-processing "
+          f"{describe(postprocess)}\n" + "\n".join(summary_lines(records, k))
           + f"\npredictions: {out_json}")
     return {"run_dir": run_dir, "predictions_json": out_json, "records": records, "skipped": skipped,
             "pictures": pictures, "gallery": gallery}

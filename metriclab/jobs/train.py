@@ -9,7 +9,7 @@ import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -25,6 +25,8 @@ from metriclab.core.schemas import DatasetConfig, EvaluationConfig
 from metriclab.data.datamodule import MetricLearningDataModule
 from metriclab.data.datasets import build_train_data, build_validation_data, read_dataset_csv
 from metriclab.evaluation.pictures import format_metrics_table
+from metriclab.evaluation.postprocess import PostprocessStep, steps_from_config
+from metriclab.evaluation.report import PLAIN_PREFIX
 from metriclab.models.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
 from metriclab.models.freezing import freeze_batchnorm, set_trainable
 from metriclab.models.losses import criterion_needs_balanced_batches
@@ -42,11 +44,12 @@ from metriclab.training.module import MetricLearningModule
 log = logging.getLogger(__name__)
 
 
-def expected_metric_keys(eval_cfg: Any) -> List[str]:
+def expected_metric_keys(eval_cfg: Any, postprocess: Sequence[Any] = ()) -> List[str]:
+    """The metrics `metric_for_checkpointing` may name; with post-processing, the plain ranking's too."""
     keys = ["mAP", "mINP"]
     keys += [f"cmc@{k}" for k in eval_cfg.cmc_top_k] + [f"map@{k}" for k in eval_cfg.map_top_k]
     keys += [f"precision@{k}" for k in eval_cfg.precision_top_k] + [f"knn_accuracy@{k}" for k in eval_cfg.knn_top_k]
-    return keys
+    return keys + ([PLAIN_PREFIX + k for k in keys] if postprocess else [])
 
 
 def resolve_resume(cfg: DictConfig) -> Tuple[Optional[Path], Optional[str]]:
@@ -89,6 +92,7 @@ class Checked:
     dataset: DatasetConfig
     df: pd.DataFrame
     evaluation: EvaluationConfig
+    postprocess: Tuple[PostprocessStep, ...] = ()
 
 
 def check_inputs(cfg: DictConfig) -> Checked:
@@ -98,13 +102,14 @@ def check_inputs(cfg: DictConfig) -> Checked:
     if cfg.get("resume"):
         run_dir = Path(cfg.resume)  # a resumed run keeps writing where it started
     evaluation = build(cfg.evaluation, "evaluation")
-    if cfg.metric_for_checkpointing not in expected_metric_keys(evaluation):
+    postprocess = steps_from_config(cfg.get("postprocess"))
+    if cfg.metric_for_checkpointing not in expected_metric_keys(evaluation, postprocess):
         raise ConfigError(f"metric_for_checkpointing={cfg.metric_for_checkpointing} is not computed; choose one of "
-                          f"{expected_metric_keys(evaluation)}")
+                          f"{expected_metric_keys(evaluation, postprocess)}")
     ckpt_path, resume_run_id = resolve_resume(cfg)
     dataset = build(cfg.dataset, "dataset")
     df = read_dataset_csv(dataset.root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
-    return Checked(run_dir, run_name, overrides, ckpt_path, resume_run_id, dataset, df, evaluation)
+    return Checked(run_dir, run_name, overrides, ckpt_path, resume_run_id, dataset, df, evaluation, postprocess)
 
 
 def build_datamodule_and_module(cfg: DictConfig, checked: Checked) -> Tuple[MetricLearningDataModule,
@@ -135,6 +140,7 @@ def build_datamodule_and_module(cfg: DictConfig, checked: Checked) -> Tuple[Metr
         group_lrs={"backbone": cfg.get("lr_backbone"), "head": cfg.get("lr_head"),
                    "criterion": cfg.get("lr_criterion")},
         channels_last=bool(cfg.get("channels_last")),
+        flip_tta=checked.evaluation.flip_tta,
     )
     return datamodule, module
 
@@ -157,7 +163,7 @@ def build_loop(cfg: DictConfig, checked: Checked, tracked: TrackedRun, val_data:
     last = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_on_train_epoch_end=True)
     # DDP: only rank 0 logs and writes files
     publisher = PublishValidation(val_data, checked.evaluation, tracked=tracked if is_main else None,
-                                  run_dir=checked.run_dir if is_main else None)
+                                  run_dir=checked.run_dir if is_main else None, postprocess=checked.postprocess)
     extractor_cfg = cast(Dict[str, Any], OmegaConf.to_container(extractor_constructor_cfg(cfg.extractor)))
     meta = CheckpointMeta(extractor_cfg=extractor_cfg,
                           run_dir=str(checked.run_dir), mlflow_run_id=tracked.mlflow_run_id if is_main else None)

@@ -29,6 +29,7 @@ from metriclab.core.errors import ConfigError
 from metriclab.data.datasets import ValidationData, build_validation_data, read_dataset_csv
 from metriclab.data.embeddings_file import check_embeddings_array, read_npz_array
 from metriclab.evaluation.pictures import format_metrics_table
+from metriclab.evaluation.postprocess import check_sizes, describe, steps_from_config
 from metriclab.evaluation.validation import evaluate_validation
 from metriclab.inference.embed import embed_all
 from metriclab.inference.model import load_extractor
@@ -113,8 +114,11 @@ def embed_validation_rows(cfg: DictConfig, inputs: ValidationInputs) -> Tuple[to
     extractor = load_extractor(cfg)
     data = inputs.data
     emb = embed_all(extractor.model, data.dataset, [str(data.root / p) for p in data.paths], "validation",
-                    int(cfg.batch_size_val), int(cfg.num_workers), extractor.precision)
+                    int(cfg.batch_size_val), int(cfg.num_workers), extractor.precision,
+                    flip_tta=build(cfg.evaluation, "evaluation").flip_tta)
     source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor.constructor_cfg.get('weights')}"
+    if cfg.evaluation.get("flip_tta"):
+        source += ", flip TTA"
     return torch.from_numpy(emb), extractor.epoch, source
 
 
@@ -126,15 +130,19 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(cfg.get("seed"))
     evaluation = build(cfg.evaluation, "evaluation")  # EvaluationConfig: a misspelt key fails before the run
+    postprocess = steps_from_config(cfg.get("postprocess"))
     inputs = read_inputs(cfg)
+    check_sizes(postprocess, int(inputs.data.is_query.sum()), int(inputs.data.is_gallery.sum()))
     with tracked_run(cfg, run_dir, run_name, overrides) as tracked:
         embeddings, epoch, source = embed_validation_rows(cfg, inputs)
-        report = evaluate_validation(embeddings, inputs.data, evaluation)
+        report = evaluate_validation(embeddings, inputs.data, evaluation, postprocess)
         publish_validation(report, embeddings, inputs.data, evaluation, tracked, run_dir, epoch=epoch)
         metrics = {k: float(v) for k, v in report.metrics.items()}
         if cfg.get("export_embeddings"):
             save_embeddings_npz(run_dir / "embeddings.npz", embeddings, inputs.data)
-        print(f"\n{run_name} on {cfg.dataset.root} ({source}):\n{format_metrics_table(metrics)}\nrun dir: {run_dir}")
+        after = "" if not postprocess else f", post-processing {describe(postprocess)}"
+        print(f"\n{run_name} on {cfg.dataset.root} ({source}{after}):\n{format_metrics_table(metrics)}\n"
+              f"run dir: {run_dir}")
         tracked.log_artifact(run_dir / "metrics.json")
         return {"run_dir": run_dir, "metrics": metrics, "mlflow_run_id": tracked.mlflow_run_id, "run_name": run_name,
                 "embeddings": embeddings}

@@ -90,8 +90,9 @@ class PublishValidation(pl.Callback):
     A pass inside `fit` is named after its epoch; a pass run with `trainer.validate` inside `publishing_as(...)` is
     named as asked (the pass before training: tag "init"). `metrics` / `embeddings` are the last pass's."""
 
-    def __init__(self, val_data: ValidationData, eval_cfg: Any, tracked: Any = None, run_dir: Optional[Path] = None):
-        self.val_data, self.eval_cfg = val_data, eval_cfg
+    def __init__(self, val_data: ValidationData, eval_cfg: Any, tracked: Any = None, run_dir: Optional[Path] = None,
+                 postprocess: Sequence[Any] = ()):
+        self.val_data, self.eval_cfg, self.postprocess = val_data, eval_cfg, tuple(postprocess)
         self.tracked, self.run_dir = tracked, run_dir
         self.metrics: Dict[str, float] = {}
         self.embeddings: Optional[torch.Tensor] = None
@@ -113,7 +114,7 @@ class PublishValidation(pl.Callback):
         if trainer.sanity_checking:
             return
         embeddings = cast(MetricLearningModule, pl_module).validation_embeddings(len(self.val_data.df))
-        report = evaluate_validation(embeddings, self.val_data, self.eval_cfg)
+        report = evaluate_validation(embeddings, self.val_data, self.eval_cfg, self.postprocess)
         metrics = {k: float(v) for k, v in report.metrics.items()}
         self.metrics, self.embeddings = metrics, embeddings
         # every rank logs the same values: checkpointing may monitor them on any rank

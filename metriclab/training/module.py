@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from metriclab.models.freezing import keep_frozen_bn_in_eval, params_under, resolve_submodule_names
+from metriclab.models.tta import extract_maybe_flip
 
 #: `training_step`'s output key holding this batch's plain-float training metrics (`train/loss`,
 #: `train/<criterion log>`), averaged per epoch by `metriclab.training.callbacks.TrainingMetrics`
@@ -29,6 +30,7 @@ class MetricLearningModule(pl.LightningModule):
         head: Optional[List[str]] = None,
         group_lrs: Optional[Dict[str, Optional[float]]] = None,
         channels_last: bool = False,
+        flip_tta: bool = False,
     ):
         super().__init__()
         self.extractor = extractor
@@ -38,6 +40,7 @@ class MetricLearningModule(pl.LightningModule):
         self.head = list(head or [])
         self.group_lrs = {k: v for k, v in (group_lrs or {}).items() if v is not None}
         self.channels_last = channels_last
+        self.flip_tta = flip_tta  # validation embeddings: mean of the image's and its mirror's (models.tta)
         self._val_outputs: List[Tuple[torch.Tensor, torch.Tensor]] = []
         if channels_last:  # faster convolutions on GPUs with tensor cores; inputs are converted in the steps
             self.extractor = self.extractor.to(memory_format=torch.channels_last)
@@ -89,7 +92,7 @@ class MetricLearningModule(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         extract = getattr(self.extractor, "extract", self.extractor)
-        embeddings = extract(self._images(batch["input_tensors"]))
+        embeddings = extract_maybe_flip(extract, self._images(batch["input_tensors"]), self.flip_tta)
         self._val_outputs.append((batch["idx"].detach(), embeddings.detach().float()))
 
     def validation_embeddings(self, n_rows: int) -> torch.Tensor:
