@@ -32,6 +32,10 @@ ranks by ``|g|^2 - 2 q.g`` of centred copies (the row constant ``|q|^2`` cannot 
 ``1 - q.g`` of unit-normalised copies. Where those float32 keys are too close to tell two items apart (within their
 rounding bound), the items are ordered by distances recomputed in float64; ``topk_distances`` are the float64 ones.
 
+Post-processing (``spec.postprocess``, `metriclab.evaluation.postprocess`): expansion steps replace the embeddings
+before ranking; k-reciprocal re-ranking replaces the distances the exact backend ranks by (exclusions apply as
+usual); pcf is always of the embeddings as given.
+
 Backends: ``"exact"`` (default) gives everything. ``"faiss-flat"`` (exact search) and ``"faiss-hnsw"``
 (approximate) give only the top-k metrics (cmc, map@k, precision@k, knn accuracy); ``mAP``/``mINP`` are left out of
 ``metrics`` and ``ap``/``inp`` are NaN, because they need the whole ranking. With faiss, ties keep faiss' order and
