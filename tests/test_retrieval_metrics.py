@@ -530,10 +530,11 @@ def test_the_engine_takes_sides_and_a_spec_not_loose_arrays():
         evaluate_retrieval(np.ones((3, 2)), side)
     with pytest.raises(TypeError, match="evaluate_retrieval: spec must be a RetrievalSpec, got dict"):
         evaluate_retrieval(side, side, {"distance": "cosine"})
-    # the default spec: cmc@1/5/10, mAP, mINP, map@5, precision@5, knn_accuracy@1, pcf@0.5, 10 neighbours kept
+    # the default spec: cmc@1/5/10, mAP, mINP, map@r, r_precision, map@5, precision@5, knn_accuracy@1, pcf@0.5,
+    # 10 neighbours kept
     r = evaluate_retrieval(side, side)
-    assert list(r.metrics) == ["cmc@1", "cmc@5", "cmc@10", "mAP", "mINP", "map@5", "precision@5", "knn_accuracy@1",
-                               "pcf@0.5", "n_queries", "n_queries_skipped"]
+    assert list(r.metrics) == ["cmc@1", "cmc@5", "cmc@10", "mAP", "mINP", "map@r", "r_precision", "map@5",
+                               "precision@5", "knn_accuracy@1", "pcf@0.5", "n_queries", "n_queries_skipped"]
     assert r.topk_ids.shape == (3, 10) and r.distance == "euclidean" and r.backend == "exact"
 
 

@@ -50,6 +50,8 @@ class QueryState:
         self.first_hit_rank = np.zeros(n_q, dtype=np.int64)
         self.ap = np.full(n_q, np.nan)
         self.inp = np.full(n_q, np.nan)
+        self.map_at_r = np.full(n_q, np.nan)
+        self.r_precision = np.full(n_q, np.nan)
         self.map_at = {k: np.zeros(n_q) for k in spec.map_top_k}
         self.hits_at = {k: np.zeros(n_q, dtype=np.int64) for k in set(spec.precision_top_k) | set(spec.map_top_k)}
         self.knn_correct = {k: np.zeros(n_q, dtype=bool) for k in spec.knn_top_k}
@@ -70,6 +72,11 @@ class QueryState:
                 hardest = np.zeros(n_rows)
                 hardest[rows[last]] = rank[last]
                 self.inp[lo:hi] = n_true / hardest
+                # R = the query's number of true matches: precision within the first R, and MAP@R = the mean over
+                # i <= R of precision@i at the true matches (pytorch-metric-learning's definitions)
+                in_r = rank <= n_true[rows]
+                self.r_precision[lo:hi] = np.bincount(rows[in_r], minlength=n_rows) / n_true
+                self.map_at_r[lo:hi] = np.bincount(rows[in_r], weights=gain[in_r], minlength=n_rows) / n_true
         for kk, hits in self.hits_at.items():
             within = rank <= kk
             hits[lo:hi] = np.bincount(rows[within], minlength=n_rows)
@@ -102,6 +109,8 @@ def reduce_metrics(state: QueryState, valid: np.ndarray, spec: RetrievalSpec) ->
     if spec.exact:
         out["mAP"] = mean(state.ap)
         out["mINP"] = mean(state.inp)
+        out["map@r"] = mean(state.map_at_r)
+        out["r_precision"] = mean(state.r_precision)
     for k in spec.map_top_k:
         out[f"map@{k}"] = mean(state.map_at[k])
     for k in spec.precision_top_k:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def expected_metric_keys(eval_cfg: Any, postprocess: Sequence[Any] = ()) -> List[str]:
     """The metrics `metric_for_checkpointing` may name; with post-processing, the plain ranking's too."""
-    keys = ["mAP", "mINP"]
+    keys = ["mAP", "mINP", "map@r", "r_precision"]
     keys += [f"cmc@{k}" for k in eval_cfg.cmc_top_k] + [f"map@{k}" for k in eval_cfg.map_top_k]
     keys += [f"precision@{k}" for k in eval_cfg.precision_top_k] + [f"knn_accuracy@{k}" for k in eval_cfg.knn_top_k]
     return keys + ([PLAIN_PREFIX + k for k in keys] if postprocess else [])
