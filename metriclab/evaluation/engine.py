@@ -19,6 +19,8 @@ Definitions (all exact; ``rank`` is 1-based, in the ranking of the non-excluded 
 - ``cmc@k``: the first true match has rank <= k.
 - ``mAP``: mean over valid queries of AP = (1/n_true) * sum_i i / rank_i over ALL true matches (re-ID mAP).
 - ``mINP``: mean over valid queries of n_true / rank of the hardest (last) true match (as in torchreid / fast-reid).
+- ``map@r`` / ``r_precision`` (pytorch-metric-learning): with R = n_true, (1/R) * sum_{i: rank_i <= R} i / rank_i and
+  (true matches within the first R) / R.
 - ``map@k`` (OML): (1/h_k) * sum_{i: rank_i <= k} i / rank_i with h_k = true matches within the top k; 0 when h_k = 0.
 - ``precision@k`` (OML): h_k / min(k, n_true).
 - ``knn_accuracy@k``: the majority label of the k nearest non-excluded gallery items (in the ranking above, so a
