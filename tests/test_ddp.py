@@ -26,7 +26,7 @@ POST = ["postprocess=[aqe,k_reciprocal]", "postprocess.k_reciprocal.k1=5", "post
 
 def test_ddp_training_is_one_run_and_validation_matches_one_process(tmp_path, tiny_dataset):
     train_args = ["scripts/train.py", *cli_overrides(tmp_path, tiny_dataset), "trainer=ddp", "trainer.devices=2",
-                  "trainer.max_epochs=2", "sampler.n_labels=2", *POST]
+                  "trainer.max_epochs=2", "sampler.n_labels=2", *POST, f"+extra_validation.again={tiny_dataset}"]
     _run(train_args)
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -41,9 +41,12 @@ def test_ddp_training_is_one_run_and_validation_matches_one_process(tmp_path, ti
     ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "validate"
     _run(["scripts/validate.py", f"paths.outputs_dir={out}", "transforms=digits", f"dataset.root={tiny_dataset}",
-          f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "evaluation.tsne=false", "num_threads=1", *POST])
+          f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "evaluation.tsne=false", "num_threads=1", *POST,
+          f"+extra_validation.again={tiny_dataset}"])
     one_process = json.loads(next(out.glob("validate/*/metrics.json")).read_text())
     assert one_process["n_queries"] == 18 and ddp_metrics.keys() == one_process.keys()
     assert "plain/mAP" in ddp_metrics and ddp_metrics["plain/mAP"] != ddp_metrics["mAP"]
+    # an extra validation set (here the same rows again: a second validation dataloader) gives the same numbers
+    assert ddp_metrics["again/mAP"] == pytest.approx(ddp_metrics["mAP"], abs=1e-6)
     assert ddp_metrics == pytest.approx(one_process, abs=1e-6)
     assert history[1] == pytest.approx(one_process["mAP"], abs=1e-6)

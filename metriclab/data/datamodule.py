@@ -2,7 +2,7 @@
 plain shuffled batches) and the validation rows in order, each split across DDP ranks when there are several."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
@@ -20,12 +20,14 @@ class MetricLearningDataModule(pl.LightningDataModule):
     training starts; Lightning asks for them when a loop starts."""
 
     def __init__(self, train_data: TrainData, val_data: ValidationData, sampler: Optional[Any] = None,
-                 batch_size: int = 64, batch_size_val: int = 128, num_workers: int = 0):
+                 batch_size: int = 64, batch_size_val: int = 128, num_workers: int = 0,
+                 extra_val: Optional[Dict[str, ValidationData]] = None):
         super().__init__()
         self.train_data, self.val_data = train_data, val_data
+        self.extra_val = dict(extra_val or {})  # cross-dataset sets: validation loaders 1, 2, ... in this order
         self.train_loader = self._train_loader(sampler, batch_size, num_workers)
-        self.val_loader = DataLoader(val_data.dataset, batch_size=batch_size_val, shuffle=False,
-                                     num_workers=num_workers)
+        self.val_loaders = [DataLoader(data.dataset, batch_size=batch_size_val, shuffle=False, num_workers=num_workers)
+                            for data in (val_data, *self.extra_val.values())]
 
     def _train_loader(self, sampler_node: Optional[Any], batch_size: int, num_workers: int) -> DataLoader:
         data = self.train_data
@@ -52,5 +54,7 @@ class MetricLearningDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._for_ranks(self.train_loader)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._for_ranks(self.val_loader)
+    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
+        """The main validation rows; with extra validation sets, a list: the main set first (dataloader 0)."""
+        loaders = [self._for_ranks(loader) for loader in self.val_loaders]
+        return loaders[0] if len(loaders) == 1 else loaders

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
@@ -23,9 +23,10 @@ from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
 from metriclab.core.schemas import DatasetConfig, EvaluationConfig
 from metriclab.data.datamodule import MetricLearningDataModule
-from metriclab.data.datasets import build_train_data, build_validation_data, read_dataset_csv
+from metriclab.data.datasets import ValidationData, build_train_data, build_validation_data, read_dataset_csv
+from metriclab.data.extra_validation import extra_validation_roots, read_extra_validation
 from metriclab.evaluation.pictures import format_metrics_table
-from metriclab.evaluation.postprocess import PostprocessStep, steps_from_config
+from metriclab.evaluation.postprocess import PostprocessStep, check_sizes, steps_from_config
 from metriclab.evaluation.report import PLAIN_PREFIX
 from metriclab.models.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
 from metriclab.models.freezing import freeze_batchnorm, set_trainable
@@ -44,12 +45,14 @@ from metriclab.training.module import MetricLearningModule
 log = logging.getLogger(__name__)
 
 
-def expected_metric_keys(eval_cfg: Any, postprocess: Sequence[Any] = ()) -> List[str]:
-    """The metrics `metric_for_checkpointing` may name; with post-processing, the plain ranking's too."""
+def expected_metric_keys(eval_cfg: Any, postprocess: Sequence[Any] = (), extra: Sequence[str] = ()) -> List[str]:
+    """The metrics `metric_for_checkpointing` may name; with post-processing, the plain ranking's too; with extra
+    validation sets, theirs as `<name>/<metric>`."""
     keys = ["mAP", "mINP", "map@r", "r_precision"]
     keys += [f"cmc@{k}" for k in eval_cfg.cmc_top_k] + [f"map@{k}" for k in eval_cfg.map_top_k]
     keys += [f"precision@{k}" for k in eval_cfg.precision_top_k] + [f"knn_accuracy@{k}" for k in eval_cfg.knn_top_k]
-    return keys + ([PLAIN_PREFIX + k for k in keys] if postprocess else [])
+    keys = keys + ([PLAIN_PREFIX + k for k in keys] if postprocess else [])
+    return keys + [f"{name}/{k}" for name in extra for k in keys]
 
 
 def resolve_resume(cfg: DictConfig) -> Tuple[Optional[Path], Optional[str]]:
@@ -93,6 +96,7 @@ class Checked:
     df: pd.DataFrame
     evaluation: EvaluationConfig
     postprocess: Tuple[PostprocessStep, ...] = ()
+    extra_val: Dict[str, ValidationData] = field(default_factory=dict)  # cross-dataset validation sets
 
 
 def check_inputs(cfg: DictConfig) -> Checked:
@@ -103,13 +107,18 @@ def check_inputs(cfg: DictConfig) -> Checked:
         run_dir = Path(cfg.resume)  # a resumed run keeps writing where it started
     evaluation = build(cfg.evaluation, "evaluation")
     postprocess = steps_from_config(cfg.get("postprocess"))
-    if cfg.metric_for_checkpointing not in expected_metric_keys(evaluation, postprocess):
+    extra_names = list(extra_validation_roots(cfg.get("extra_validation")))
+    if cfg.metric_for_checkpointing not in expected_metric_keys(evaluation, postprocess, extra_names):
         raise ConfigError(f"metric_for_checkpointing={cfg.metric_for_checkpointing} is not computed; choose one of "
-                          f"{expected_metric_keys(evaluation, postprocess)}")
+                          f"{expected_metric_keys(evaluation, postprocess, extra_names)}")
     ckpt_path, resume_run_id = resolve_resume(cfg)
     dataset = build(cfg.dataset, "dataset")
     df = read_dataset_csv(dataset.root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
-    return Checked(run_dir, run_name, overrides, ckpt_path, resume_run_id, dataset, df, evaluation, postprocess)
+    extra_val = read_extra_validation(cfg.get("extra_validation"), build(cfg.transforms.val, "transforms.val"))
+    for data in extra_val.values():
+        check_sizes(postprocess, int(data.is_query.sum()), int(data.is_gallery.sum()))
+    return Checked(run_dir, run_name, overrides, ckpt_path, resume_run_id, dataset, df, evaluation, postprocess,
+                   extra_val)
 
 
 def build_datamodule_and_module(cfg: DictConfig, checked: Checked) -> Tuple[MetricLearningDataModule,
@@ -132,7 +141,8 @@ def build_datamodule_and_module(cfg: DictConfig, checked: Checked) -> Tuple[Metr
         raise ConfigError(f"criterion {cfg.criterion._target_} mines triplets inside a batch and needs n x k "
                           f"batches: use sampler=balance or sampler=category_balance (not ~sampler)")
     datamodule = MetricLearningDataModule(train_data, val_data, cfg.get("sampler"), batch_size=cfg.batch_size,
-                                          batch_size_val=cfg.batch_size_val, num_workers=cfg.num_workers)
+                                          batch_size_val=cfg.batch_size_val, num_workers=cfg.num_workers,
+                                          extra_val=checked.extra_val)
     module = MetricLearningModule(
         extractor, criterion, build(cfg.optimizer, "optimizer"),
         scheduler_factory=build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
@@ -163,7 +173,8 @@ def build_loop(cfg: DictConfig, checked: Checked, tracked: TrackedRun, val_data:
     last = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_on_train_epoch_end=True)
     # DDP: only rank 0 logs and writes files
     publisher = PublishValidation(val_data, checked.evaluation, tracked=tracked if is_main else None,
-                                  run_dir=checked.run_dir if is_main else None, postprocess=checked.postprocess)
+                                  run_dir=checked.run_dir if is_main else None, postprocess=checked.postprocess,
+                                  extra_val=checked.extra_val)
     extractor_cfg = cast(Dict[str, Any], OmegaConf.to_container(extractor_constructor_cfg(cfg.extractor)))
     meta = CheckpointMeta(extractor_cfg=extractor_cfg,
                           run_dir=str(checked.run_dir), mlflow_run_id=tracked.mlflow_run_id if is_main else None)

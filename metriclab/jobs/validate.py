@@ -15,7 +15,7 @@ scored by metriclab.evaluation and published by metriclab.training.publish; no L
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,6 +28,7 @@ from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
 from metriclab.data.datasets import ValidationData, build_validation_data, read_dataset_csv
 from metriclab.data.embeddings_file import check_embeddings_array, read_npz_array
+from metriclab.data.extra_validation import prefixed, read_extra_validation
 from metriclab.evaluation.pictures import format_metrics_table
 from metriclab.evaluation.postprocess import check_sizes, describe, steps_from_config
 from metriclab.evaluation.validation import evaluate_validation
@@ -87,6 +88,7 @@ class ValidationInputs:
     data: ValidationData
     embeddings_file: Optional[Path] = None
     ckpt: Optional[Path] = None
+    extra: Dict[str, ValidationData] = field(default_factory=dict)  # extra validation sets, by name
 
 
 def read_inputs(cfg: DictConfig) -> ValidationInputs:
@@ -94,32 +96,43 @@ def read_inputs(cfg: DictConfig) -> ValidationInputs:
     dataset = build(cfg.dataset, "dataset")
     root = Path(dataset.root)
     df = read_dataset_csv(root, dataset.csv, allow_outside_root=dataset.allow_outside_root)
-    data = build_validation_data(df, root, build(cfg.transforms.val, "transforms.val"), dataset.cache_size,
-                                 on_bad_image=dataset.on_bad_image)
+    transform = build(cfg.transforms.val, "transforms.val")
+    data = build_validation_data(df, root, transform, dataset.cache_size, on_bad_image=dataset.on_bad_image)
+    extra = read_extra_validation(cfg.get("extra_validation"), transform)
     if cfg.get("embeddings"):
         path = Path(cfg.embeddings)
         if not path.is_file():
             raise ConfigError(f"embeddings={path} does not exist")
+        if extra:
+            raise ConfigError(f"extra_validation ({', '.join(extra)}) needs a model to embed its images: use ckpt= "
+                              f"(or the extractor), not embeddings=")
         return ValidationInputs(data, embeddings_file=path)
     ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else None
     if ckpt is not None and not ckpt.is_file():
         raise ConfigError(f"checkpoint {ckpt} does not exist: pass ckpt=<best.ckpt or last.ckpt of a training run>")
-    return ValidationInputs(data, ckpt=ckpt)
+    return ValidationInputs(data, ckpt=ckpt, extra=extra)
 
 
-def embed_validation_rows(cfg: DictConfig, inputs: ValidationInputs) -> Tuple[torch.Tensor, int, str]:
-    """(embeddings in row order, the epoch to publish under, what was evaluated) for the configured source."""
-    if inputs.embeddings_file is not None:
-        return load_embeddings_npz(inputs.embeddings_file, inputs.data), 0, f"embeddings {cfg.embeddings}"
-    extractor = load_extractor(cfg)
-    data = inputs.data
-    emb = embed_all(extractor.model, data.dataset, [str(data.root / p) for p in data.paths], "validation",
+def embed_rows(cfg: DictConfig, extractor: Any, data: ValidationData, what: str) -> torch.Tensor:
+    """The embeddings of `data`'s rows (row order) by the loaded `extractor`, flip TTA as configured."""
+    emb = embed_all(extractor.model, data.dataset, [str(data.root / p) for p in data.paths], what,
                     int(cfg.batch_size_val), int(cfg.num_workers), extractor.precision,
                     flip_tta=build(cfg.evaluation, "evaluation").flip_tta)
+    return torch.from_numpy(emb)
+
+
+def embed_validation_rows(cfg: DictConfig, inputs: ValidationInputs,
+                          extractor: Any = None) -> Tuple[torch.Tensor, int, str]:
+    """(embeddings in row order, the epoch to publish under, what was evaluated) for the configured source
+    (`extractor`: one already loaded, else it is loaded here)."""
+    if inputs.embeddings_file is not None:
+        return load_embeddings_npz(inputs.embeddings_file, inputs.data), 0, f"embeddings {cfg.embeddings}"
+    extractor = extractor or load_extractor(cfg)
+    emb = embed_rows(cfg, extractor, inputs.data, "validation")
     source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor.constructor_cfg.get('weights')}"
     if cfg.evaluation.get("flip_tta"):
         source += ", flip TTA"
-    return torch.from_numpy(emb), extractor.epoch, source
+    return emb, extractor.epoch, source
 
 
 def validate(cfg: DictConfig) -> Dict[str, Any]:
@@ -133,9 +146,16 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
     postprocess = steps_from_config(cfg.get("postprocess"))
     inputs = read_inputs(cfg)
     check_sizes(postprocess, int(inputs.data.is_query.sum()), int(inputs.data.is_gallery.sum()))
+    for data in inputs.extra.values():
+        check_sizes(postprocess, int(data.is_query.sum()), int(data.is_gallery.sum()))
     with tracked_run(cfg, run_dir, run_name, overrides) as tracked:
-        embeddings, epoch, source = embed_validation_rows(cfg, inputs)
+        extractor = load_extractor(cfg) if inputs.embeddings_file is None else None
+        embeddings, epoch, source = embed_validation_rows(cfg, inputs, extractor)
         report = evaluate_validation(embeddings, inputs.data, evaluation, postprocess)
+        for name, data in inputs.extra.items():  # cross-dataset: each set under its name
+            extra_report = evaluate_validation(embed_rows(cfg, extractor, data, f"extra_validation.{name}"), data,
+                                               evaluation, postprocess)
+            report.metrics.update(prefixed(name, extra_report.metrics))
         publish_validation(report, embeddings, inputs.data, evaluation, tracked, run_dir, epoch=epoch)
         metrics = {k: float(v) for k, v in report.metrics.items()}
         if cfg.get("export_embeddings"):

@@ -21,6 +21,7 @@ from torch import nn
 from metriclab.core.checkpoint import CHECKPOINT_META_KEY, CheckpointMeta
 from metriclab.core.compat import ddp_finds_unused_parameters
 from metriclab.data.datasets import ValidationData
+from metriclab.data.extra_validation import prefixed
 from metriclab.evaluation.validation import evaluate_validation
 from metriclab.models.freezing import (
     freeze_backbone,
@@ -91,8 +92,9 @@ class PublishValidation(pl.Callback):
     named as asked (the pass before training: tag "init"). `metrics` / `embeddings` are the last pass's."""
 
     def __init__(self, val_data: ValidationData, eval_cfg: Any, tracked: Any = None, run_dir: Optional[Path] = None,
-                 postprocess: Sequence[Any] = ()):
+                 postprocess: Sequence[Any] = (), extra_val: Optional[Dict[str, ValidationData]] = None):
         self.val_data, self.eval_cfg, self.postprocess = val_data, eval_cfg, tuple(postprocess)
+        self.extra_val = dict(extra_val or {})  # validation dataloaders 1, 2, ... (the datamodule's order)
         self.tracked, self.run_dir = tracked, run_dir
         self.metrics: Dict[str, float] = {}
         self.embeddings: Optional[torch.Tensor] = None
@@ -113,8 +115,13 @@ class PublishValidation(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        embeddings = cast(MetricLearningModule, pl_module).validation_embeddings(len(self.val_data.df))
+        module = cast(MetricLearningModule, pl_module)
+        embeddings = module.validation_embeddings(len(self.val_data.df))
         report = evaluate_validation(embeddings, self.val_data, self.eval_cfg, self.postprocess)
+        for i, (name, data) in enumerate(self.extra_val.items(), start=1):  # every rank, in order: a collective
+            extra = evaluate_validation(module.validation_embeddings(len(data.df), i), data, self.eval_cfg,
+                                        self.postprocess)
+            report.metrics.update(prefixed(name, extra.metrics))
         metrics = {k: float(v) for k, v in report.metrics.items()}
         self.metrics, self.embeddings = metrics, embeddings
         # every rank logs the same values: checkpointing may monitor them on any rank

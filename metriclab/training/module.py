@@ -41,7 +41,8 @@ class MetricLearningModule(pl.LightningModule):
         self.group_lrs = {k: v for k, v in (group_lrs or {}).items() if v is not None}
         self.channels_last = channels_last
         self.flip_tta = flip_tta  # validation embeddings: mean of the image's and its mirror's (models.tta)
-        self._val_outputs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        # validation outputs per validation dataloader (0 = the main set, then the extra sets)
+        self._val_outputs: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         if channels_last:  # faster convolutions on GPUs with tensor cores; inputs are converted in the steps
             self.extractor = self.extractor.to(memory_format=torch.channels_last)
 
@@ -88,19 +89,19 @@ class MetricLearningModule(pl.LightningModule):
 
     # -------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val_outputs = []
+        self._val_outputs = {}
 
-    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         extract = getattr(self.extractor, "extract", self.extractor)
         embeddings = extract_maybe_flip(extract, self._images(batch["input_tensors"]), self.flip_tta)
-        self._val_outputs.append((batch["idx"].detach(), embeddings.detach().float()))
+        self._val_outputs.setdefault(dataloader_idx, []).append((batch["idx"].detach(), embeddings.detach().float()))
 
-    def validation_embeddings(self, n_rows: int) -> torch.Tensor:
-        """The pass's embeddings as an `n_rows` x D CPU tensor in dataset row order, gathered from every DDP rank
-        (a collective: every rank calls it); the collected outputs are released."""
-        idx = torch.cat([i for i, _ in self._val_outputs])
-        emb = torch.cat([e for _, e in self._val_outputs])
-        self._val_outputs = []
+    def validation_embeddings(self, n_rows: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The pass's embeddings of validation dataloader `dataloader_idx` as an `n_rows` x D CPU tensor in dataset
+        row order, gathered from every DDP rank (a collective: every rank calls it); the outputs are released."""
+        outputs = self._val_outputs.pop(dataloader_idx, [])
+        idx = torch.cat([i for i, _ in outputs])
+        emb = torch.cat([e for _, e in outputs])
         if self.trainer.world_size > 1:  # every rank gets every row; the distributed sampler pads with repeats
             idx = cast(torch.Tensor, self.all_gather(idx)).reshape(-1)
             emb = cast(torch.Tensor, self.all_gather(emb)).reshape(-1, emb.shape[-1])
