@@ -10,6 +10,9 @@ extra per-batch floats (accuracy, triplet stats). Every class has an explicit si
   signatures would otherwise lose ``num_classes``/``embedding_size``.
 - ``SoftmaxLoss``: linear classifier + cross-entropy, optionally behind a BNNeck (re-ID bag of tricks).
 - ``ClassificationTripletLoss``: weighted sum of a classification loss and a triplet loss (bag of tricks).
+- ``ProxyAnchorLoss``: PML's, its proxies ``criterion.loss.proxies`` trained, checkpointed and DDP-synchronised.
+- ``MultiSimilarityLoss``, ``CircleLoss``, ``SupConLoss``, ``NTXentLoss``: PML pair-based losses with an optional
+  PML miner (``metriclab.models.xbm.PairLoss``, which the cross-batch memory there feeds with its rows).
 
 All classification losses compute in float32 with autocast off: PML's ``cast_types`` would otherwise convert its
 weight parameter to the embeddings' half dtype for good, and ArcFace's ``sqrt(1 - cos^2)`` turns NaN when a
@@ -25,9 +28,11 @@ from oml.interfaces.criterions import ITripletLossWithMiner
 from oml.interfaces.miners import ITripletsMinerInBatch
 from oml.losses import ArcFaceLoss as OMLArcFaceLoss
 from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning.miners import BaseMiner
 from torch import Tensor, nn
 
 from metriclab.core.config import build
+from metriclab.models.xbm import PairLoss
 
 TLabels = Union[Tensor, Sequence[int]]
 
@@ -187,6 +192,61 @@ class SubCenterArcFaceLoss(_PMLClassificationLoss):
         super().__init__(loss, num_classes, label_smoothing)
 
 
+class ProxyAnchorLoss(_PMLClassificationLoss):
+    """Proxy-Anchor (Kim et al. 2020) = PML ``ProxyAnchorLoss``: one proxy per class (``criterion.loss.proxies``,
+    [C, D]) pulls the batch's embeddings of its class and pushes the others (log-sum-exp, scale ``alpha``, cosine
+    ``margin``). The proxies are parameters of the module: trained (the paper gives them a 100x rate:
+    ``lr_criterion``), checkpointed, and kept equal across DDP processes like the extractor. ``last_logs``: the
+    accuracy of the nearest proxy."""
+
+    criterion_name = "proxy_anchor"
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32.0):
+        loss = pml_losses.ProxyAnchorLoss(
+            num_classes=num_classes, embedding_size=embedding_size, margin=margin, alpha=alpha
+        )
+        super().__init__(loss, num_classes, label_smoothing=0.0)
+
+
+class MultiSimilarityLoss(PairLoss):
+    """Multi-Similarity (Wang et al. 2019) = PML ``MultiSimilarityLoss`` on cosine similarities; its YAML adds the
+    paper's pair mining, PML's ``MultiSimilarityMiner``."""
+
+    criterion_name = "multi_similarity"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, miner: Optional[BaseMiner] = None):
+        super().__init__(pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base), miner)
+
+
+class CircleLoss(PairLoss):
+    """Circle loss (Sun et al. 2020) = PML ``CircleLoss`` on cosine similarities (relaxation m, scale gamma)."""
+
+    criterion_name = "circle"
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, miner: Optional[BaseMiner] = None):
+        super().__init__(pml_losses.CircleLoss(m=m, gamma=gamma), miner)
+
+
+class SupConLoss(PairLoss):
+    """Supervised contrastive loss (Khosla et al. 2020) = PML ``SupConLoss``: per anchor, the mean over its positives
+    of -log softmax over all its pairs, cosine / temperature."""
+
+    criterion_name = "supcon"
+
+    def __init__(self, temperature: float = 0.1, miner: Optional[BaseMiner] = None):
+        super().__init__(pml_losses.SupConLoss(temperature=temperature), miner)
+
+
+class NTXentLoss(PairLoss):
+    """NT-Xent / InfoNCE (Chen et al. 2020, SimCLR) = PML ``NTXentLoss`` with class labels: each positive pair
+    against the anchor's negatives, cosine / temperature."""
+
+    criterion_name = "ntxent"
+
+    def __init__(self, temperature: float = 0.07, miner: Optional[BaseMiner] = None):
+        super().__init__(pml_losses.NTXentLoss(temperature=temperature), miner)
+
+
 class SoftmaxLoss(nn.Module):
     """Linear classifier (no bias) + cross-entropy: the "ID loss" of the re-ID bag of tricks (Luo et al. 2019).
 
@@ -317,6 +377,11 @@ __all__ = [
     "CosFaceLoss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
+    "ProxyAnchorLoss",
+    "MultiSimilarityLoss",
+    "CircleLoss",
+    "SupConLoss",
+    "NTXentLoss",
     "SoftmaxLoss",
     "ClassificationTripletLoss",
     "build_part",
