@@ -7,12 +7,13 @@ DATA  ?=
 # Digits demo knobs (defaults give the numbers in the README).
 DIGITS_ROOT ?= $(CURDIR)/outputs/data/digits
 
-.PHONY: help install lint test test-fast test-all demo ui worst report convert-market convert-cars convert-fruits clean
+.PHONY: help install lint test test-fast test-all demo ui worst report convert-market convert-cars convert-fruits clean \
+	convert-sop convert-inshop convert-cub convert-msmt17 convert-cuhk03np convert-veri
 # A bare `make` prints the targets instead of building .venv (the stamp file would otherwise be the first target).
 .DEFAULT_GOAL := help
 
 help:                  ## list the targets with what they do
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -59,6 +60,30 @@ convert-cars: install  ## Cars196 folder -> dataset.csv: make convert-cars DATA=
 convert-fruits: install  ## fruit folders -> dataset.csv: make convert-fruits DATA=<folder> [QUERY=] [PROTOCOL=]
 	@test -n "$(DATA)" || { echo "usage: make convert-fruits DATA=/path/to/fruits [QUERY=validation|test] [PROTOCOL=closed|open]"; exit 2; }
 	$(PY) converters/fruits.py "$(DATA)" --protocol $(or $(PROTOCOL),closed) --query $(or $(QUERY),validation) $(if $(STRICT),--strict)
+
+convert-sop: install   ## Stanford Online Products -> dataset.csv: make convert-sop DATA=<folder>
+	@test -n "$(DATA)" || { echo "usage: make convert-sop DATA=/path/to/Stanford_Online_Products"; exit 2; }
+	$(PY) converters/sop.py "$(DATA)" $(if $(STRICT),--strict)
+
+convert-inshop: install  ## DeepFashion In-shop -> dataset.csv: make convert-inshop DATA=<folder> [NO_BBOXES=1]
+	@test -n "$(DATA)" || { echo "usage: make convert-inshop DATA=/path/to/In-shop [NO_BBOXES=1]"; exit 2; }
+	$(PY) converters/inshop.py "$(DATA)" $(if $(NO_BBOXES),--no-bboxes) $(if $(STRICT),--strict)
+
+convert-cub: install   ## CUB-200-2011 -> dataset.csv: make convert-cub DATA=<folder> [PROTOCOL=zero_shot|closed]
+	@test -n "$(DATA)" || { echo "usage: make convert-cub DATA=/path/to/CUB_200_2011 [PROTOCOL=zero_shot|closed] [NO_BBOXES=1]"; exit 2; }
+	$(PY) converters/cub200.py "$(DATA)" --protocol $(or $(PROTOCOL),zero_shot) $(if $(NO_BBOXES),--no-bboxes) $(if $(STRICT),--strict)
+
+convert-msmt17: install  ## MSMT17 V1/V2 -> dataset.csv: make convert-msmt17 DATA=<folder> [EXCLUDE_VAL=1]
+	@test -n "$(DATA)" || { echo "usage: make convert-msmt17 DATA=/path/to/MSMT17_V1 [EXCLUDE_VAL=1]"; exit 2; }
+	$(PY) converters/msmt17.py "$(DATA)" $(if $(EXCLUDE_VAL),--exclude-val) $(if $(STRICT),--strict) $(if $(SKIP_BAD),--skip-bad)
+
+convert-cuhk03np: install  ## CUHK03-NP -> dataset.csv: make convert-cuhk03np DATA=<cuhk03-np/labeled or detected>
+	@test -n "$(DATA)" || { echo "usage: make convert-cuhk03np DATA=/path/to/cuhk03-np/labeled (or .../detected, or cuhk03-np SUBSET=labeled|detected)"; exit 2; }
+	$(PY) converters/cuhk03np.py "$(DATA)" $(if $(SUBSET),--subset $(SUBSET)) $(if $(STRICT),--strict) $(if $(SKIP_BAD),--skip-bad)
+
+convert-veri: install  ## VeRi-776 -> dataset.csv: make convert-veri DATA=<folder>
+	@test -n "$(DATA)" || { echo "usage: make convert-veri DATA=/path/to/VeRi"; exit 2; }
+	$(PY) converters/veri776.py "$(DATA)" $(if $(STRICT),--strict) $(if $(SKIP_BAD),--skip-bad)
 
 clean:                 ## delete outputs/ (runs, MLflow store, prepared data) and tool caches; .venv stays
 	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache

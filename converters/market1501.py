@@ -138,7 +138,7 @@ def _check_disjoint_pids(train: list[Record], query: list[Record], gallery: list
         raise ConversionError(f"person id(s) in both {TRAIN_DIR}/ and query/gallery: {list_some(shared)}")
 
 
-def _drop_unscorable_queries(
+def drop_unscorable_queries(
     query: list[Record], gallery: list[Record], skip_bad: bool, report: ConversionReport
 ) -> list[Record]:
     """Queries with no gallery image of their person from another camera: an error, or skipped with skip_bad."""
@@ -177,7 +177,7 @@ def _check_counts(
     check_expected_counts(actual, PUBLISHED_COUNTS, strict=strict, report=report, what="Market-1501")
 
 
-def _build_rows(train: list[Record], query: list[Record], gallery: list[Record]) -> list[dict]:
+def build_rows(train: list[Record], query: list[Record], gallery: list[Record]) -> list[dict]:
     rows = []
     for records, split, is_query, is_gallery in (
         (train, TRAIN, None, None),
@@ -207,12 +207,12 @@ def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool
     _check_special_pids(train, query)
     gallery = _drop_junk(gallery_raw, report)
     _check_disjoint_pids(train, query, gallery)
-    query = _drop_unscorable_queries(query, gallery, skip_bad, report)
+    query = drop_unscorable_queries(query, gallery, skip_bad, report)
     _check_counts(train, query, gallery, strict, report)
     unused = sorted(p.name + ("/" if p.is_dir() else "") for p in base.iterdir() if p.name not in USED_DIRS)
     if unused:
         report.note(f"not used: {', '.join(unused)}")
-    return Conversion(make_rows_frame(_build_rows(train, query, gallery), COLUMNS), report, root)
+    return Conversion(make_rows_frame(build_rows(train, query, gallery), COLUMNS), report, root)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,8 +66,8 @@ def check_dataset_location(root: str | Path, csv_name: str = DEFAULT_CSV_NAME) -
     if not root.is_dir():
         raise ConfigError(f"dataset.root={root} is not a folder: point `dataset.root=` at the converted dataset")
     if not csv_path.is_file():
-        raise ConfigError(f"{csv_path} does not exist: run a converter first (make convert-market/convert-cars/"
-                          f"convert-fruits DATA={root}) or set `dataset.csv=<name>`")
+        raise ConfigError(f"{csv_path} does not exist: run a converter first (make convert-<market|cars|fruits|sop|"
+                          f"inshop|cub|msmt17|cuhk03np|veri> DATA={root}) or set `dataset.csv=<name>`")
     return csv_path
 
 
