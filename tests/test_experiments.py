@@ -10,7 +10,8 @@ from metriclab.jobs.train import train
 from tests.helpers import compose_cfg, fast_overrides
 
 EXPERIMENTS = ["market_arcface", "market_triplet", "market_bot", "cars_triplet", "cars_arcface", "fruits_arcface",
-               "fruits_cosface", "fruits_sphereface", "fruits_subcenter_arcface", "digits_demo"]
+               "fruits_cosface", "fruits_sphereface", "fruits_subcenter_arcface", "digits_demo", "sop_triplet",
+               "sop_proxy_anchor", "cub_triplet", "cub_proxy_anchor", "inshop_triplet", "msmt17_bot"]
 
 
 def _plain(name, tmp_path):
@@ -48,14 +49,33 @@ def test_experiments_set_what_their_recipes_say(tmp_path):
         assert differing and all(k.startswith("criterion.") or k == "timestamp" for k in differing), differing
 
 
+def test_benchmark_recipes_set_their_protocols(tmp_path):
+    sop, sop_pa = _plain("sop_triplet", tmp_path), _plain("sop_proxy_anchor", tmp_path)
+    for cfg in (sop, sop_pa):
+        assert list(cfg.evaluation.cmc_top_k) == [1, 10, 100, 1000] and cfg.metric_for_checkpointing == "cmc@1"
+    assert sop.sampler._target_.endswith("CategoryBalanceSampler") and sop.sampler.n_instances == 2
+    for cfg in (sop_pa, _plain("cub_proxy_anchor", tmp_path)):  # the Proxy-Anchor paper's optimiser and batches
+        assert cfg.criterion._target_.endswith("ProxyAnchorLoss") and cfg.get("sampler") is None
+        assert (cfg.optimizer.lr, cfg.lr_criterion, cfg.batch_size) == (1e-4, 1e-2, 180)
+        assert (cfg.criterion.alpha, cfg.criterion.margin) == (32.0, 0.1)
+    assert list(_plain("cub_triplet", tmp_path).evaluation.cmc_top_k) == [1, 2, 4, 8]
+    assert list(_plain("inshop_triplet", tmp_path).evaluation.cmc_top_k) == [1, 10, 20, 30, 40, 50]
+    # msmt17_bot is market_bot's recipe on other data: the same values everywhere
+    bot, msmt = dict(flatten(_plain("market_bot", tmp_path))), dict(flatten(_plain("msmt17_bot", tmp_path)))
+    assert {k for k in bot.keys() | msmt.keys() if bot.get(k) != msmt.get(k)} <= {"timestamp"}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_trains_one_epoch_on_cpu(tmp_path, tiny_dataset, name):
     cfg = _plain(name, tmp_path)
-    overrides = fast_overrides(tmp_path, tiny_dataset) + ["trainer=cpu", "sampler.n_labels=2",
-                                                          "sampler.n_instances=3", "num_workers=0",
+    overrides = fast_overrides(tmp_path, tiny_dataset) + ["trainer=cpu", "num_workers=0",
                                                           "trainer.check_val_every_n_epoch=1"]
-    if "n_categories" in cfg.sampler:
-        overrides.append("sampler.n_categories=2")
+    if cfg.get("sampler") is None:
+        overrides.append("batch_size=8")
+    else:
+        overrides += ["sampler.n_labels=2", "sampler.n_instances=3"]
+        if "n_categories" in cfg.sampler:
+            overrides.append("sampler.n_categories=2")
     if cfg.get("scheduler") is not None and "warmup_epochs" in cfg.scheduler:
         overrides.append("scheduler.warmup_epochs=0")
     result = train(compose_cfg(name, overrides))
