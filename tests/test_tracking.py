@@ -187,3 +187,30 @@ def test_default_tracking_uri(monkeypatch):
     assert default_tracking_uri() == DEFAULT_MLFLOW_URI
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_config_name_tag_is_the_composed_primary_config(tmp_path):
+    """A run started with --config-name digits_demo and no `config_name=` is tagged digits_demo (it was tagged
+    "None", so `make report` listed such runs as config `train`)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from metriclab.core.config import config_name_of, job_identity
+    from metriclab.core.paths import CONFIGS_DIR
+    from metriclab.tracking.tags import run_tags
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
+        cfg = compose("digits_demo", [f"paths.outputs_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                                      f"dataset.root={tmp_path}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.config_name is None  # nothing set on the command line
+        assert config_name_of(cfg) == "digits_demo"
+        assert run_tags(cfg, tmp_path)["config_name"] == "digits_demo"
+        assert job_identity(cfg)[1].startswith("digits_demo-")
+        cfg.config_name = "sweep"  # an explicit name wins
+        assert run_tags(cfg, tmp_path)["config_name"] == "sweep"
+    finally:
+        HydraConfig.instance().cfg = None

@@ -139,20 +139,33 @@ def flatten(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix[:-1], cfg
 
 
+def config_name_of(cfg: DictConfig) -> str:
+    """`config_name`, else the primary config Hydra composed (`--config-name`), else the task: what names the run
+    and its `config_name` tag."""
+    name = cfg.get("config_name")
+    if not name:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            name = HydraConfig.get().job.config_name
+        except ValueError:  # not started by @hydra.main (tests, notebooks)
+            pass
+    return str(name or cfg.get("task") or "unknown")
+
+
 def job_identity(cfg: DictConfig) -> Tuple[Path, str, List[str]]:
     """Run dir, run name `<config-name>-<timestamp>[-<job number>]` and the command-line overrides."""
     run_dir = Path(cfg.paths.run_dir)
-    config_name = cfg.get("config_name")
+    config_name = config_name_of(cfg)
     overrides: List[str] = []
     suffix = ""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        config_name = config_name or hc.job.config_name
         overrides = list(hc.overrides.task)
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             suffix = f"-{hc.job.num}"
     except ValueError:  # not started by @hydra.main (tests, notebooks): the config carries what we need
         pass
-    return run_dir, f"{config_name or cfg.task}-{cfg.timestamp}{suffix}", overrides
+    return run_dir, f"{config_name}-{cfg.timestamp}{suffix}", overrides

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
+from metriclab.core.config import config_name_of
 from metriclab.core.paths import REPO_ROOT
 
 PACKAGES_TO_TAG = ("torch", "torchvision", "open-metric-learning", "pytorch-lightning", "mlflow", "hydra-core")
@@ -41,7 +42,7 @@ def package_versions() -> Dict[str, str]:
 def run_tags(cfg: DictConfig, run_dir: Path) -> Dict[str, str]:
     has_root = cfg.get("dataset") and cfg.dataset.get("root")
     return {
-        "config_name": str(cfg.get("config_name", "unknown")),
+        "config_name": config_name_of(cfg),  # the --config-name when `config_name` is not set
         "task": str(cfg.get("task", "unknown")),
         "dataset": Path(str(cfg.dataset.root)).name if has_root else "none",
         "run_dir": str(run_dir),
