@@ -70,6 +70,8 @@ def test_finished_run_has_tags_params_and_config_artifacts(tmp_path, store):
         run_id = tracked.mlflow_run_id
     client, run = the_run(tmp_path)
     assert (run.info.run_id, run.info.run_name, run.info.status) == (run_id, "unit-0001", "FINISHED")
+    # MLflow 3's UI shows the runs table (not its GenAI view) for experiments of this kind
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     tags = run.data.tags
     assert (tags["config_name"], tags["task"], tags["dataset"], tags["run_dir"]) == (
@@ -187,6 +189,16 @@ def test_default_tracking_uri(monkeypatch):
     assert default_tracking_uri() == DEFAULT_MLFLOW_URI
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_an_existing_experiment_gets_the_training_kind(tmp_path, store):
+    import mlflow.tracking
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.create_experiment("unit")  # as an older version made it: no kind tag
+    with tracked_run(make_cfg(tmp_path), tmp_path / "run", "unit-0002", overrides=[]):
+        pass
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_config_name_tag_is_the_composed_primary_config(tmp_path):

@@ -18,6 +18,9 @@ from metriclab.core.errors import ConfigError
 from metriclab.tracking.owner import KILLED_REASON, owner_tags, sweep_dead_runs
 
 DEFAULT_EXPERIMENT = "metriclab"
+#: MLflow 3's UI opens an experiment on its GenAI view (traces) unless the experiment says it is model training
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def is_local_store(uri: str) -> bool:
@@ -89,11 +92,14 @@ def experiment_id(client: Any, uri: str, node: DictConfig) -> str:
     with store_lock(uri):
         exp = client.get_experiment_by_name(exp_name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version or by hand
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return str(exp.experiment_id)
         artifact_location = node.get("artifact_location") if is_local_store(uri) else None
         if artifact_location:
             artifact_location = Path(artifact_location).resolve().as_uri()
-        return str(client.create_experiment(exp_name, artifact_location=artifact_location))
+        return str(client.create_experiment(exp_name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
 
 
 def log_params(client: Any, run_id: str, cfg: DictConfig) -> None:
