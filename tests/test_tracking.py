@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import json
 import subprocess
 from pathlib import Path
 
@@ -226,3 +227,29 @@ def test_config_name_tag_is_the_composed_primary_config(tmp_path):
         assert run_tags(cfg, tmp_path)["config_name"] == "sweep"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_dataset_inputs_and_source_tags(tmp_path, store):
+    """The runs table's Dataset and Source columns: the dataset CSV as an input (name, digest of its bytes, path,
+    context) and MLflow's source tags."""
+    import hashlib
+
+    root = tmp_path / "fruits"
+    root.mkdir()
+    (root / "dataset.csv").write_text("label,path,split,is_query,is_gallery\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset.csv").write_text("label,path\n1,a.png\n")
+    cfg = make_cfg(tmp_path)
+    cfg.extra_validation = {"other": str(other)}
+    with tracked_run(cfg, tmp_path / "run", "unit-0003", overrides=[]):
+        pass
+    client, run = the_run(tmp_path)
+    got = {(d.dataset.name, d.dataset.digest, json.loads(d.dataset.source)["uri"], d.tags[0].value)
+           for d in run.inputs.dataset_inputs}
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in (root / "dataset.csv", other / "dataset.csv")}
+    assert got == {("fruits", digest[root / "dataset.csv"], str(root / "dataset.csv"), "train"),
+                   ("other", digest[other / "dataset.csv"], str(other / "dataset.csv"), "validation")}
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert run.data.tags["mlflow.source.name"] == "scripts/train.py"
+    assert run.data.tags["mlflow.source.git.commit"] == commit.stdout.strip()

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metriclab.core.atomic import write_text_atomic
 from metriclab.core.compat import mlflow_reset_tracking_uri
+from metriclab.tracking.inputs import log_dataset_inputs
 from metriclab.tracking.loggers import TrackedRun, finalize_loggers, log_hyperparameters, open_loggers
 from metriclab.tracking.status import JobTerminated, RunStatus
 from metriclab.tracking.tags import run_tags
@@ -75,6 +76,8 @@ def tracked_run(
                 node = cfg.get("logger")
                 if node is not None and is_main_process:
                     open_loggers(tracked, node, tags, resume_run_id)
+                    if tracked.mlflow_client is not None and tracked.mlflow_run_id and not resume_run_id:
+                        log_dataset_inputs(tracked.mlflow_client, tracked.mlflow_run_id, cfg)
                 log_hyperparameters(tracked, cfg, resumed=bool(resume_run_id))
                 if is_main_process:
                     write_config_artifacts(tracked, cfg, overrides)

@@ -48,4 +48,14 @@ def run_tags(cfg: DictConfig, run_dir: Path) -> Dict[str, str]:
         "run_dir": str(run_dir),
         **git_state(),
         **package_versions(),
+        **source_tags(cfg),
     }
+
+
+def source_tags(cfg: DictConfig) -> Dict[str, str]:
+    """MLflow's standard source tags (its runs table's Source column): the entry script and the git commit."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"scripts/{cfg.get('task', 'train')}.py"}
+    commit = git_state()["git_commit"]
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
