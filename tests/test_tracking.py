@@ -2,10 +2,10 @@
 resuming, and the process-wide MLflow URI put back. Each case is checked in a fresh sqlite store."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import json
 import subprocess
 from pathlib import Path
 
