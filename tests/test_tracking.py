@@ -196,7 +196,7 @@ def test_an_existing_experiment_gets_the_training_kind(tmp_path, store):
     import mlflow.tracking
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp_id = client.create_experiment("unit")  # as an older version made it: no kind tag
+    exp_id = client.create_experiment("unit", artifact_location=(tmp_path / "arts").as_uri())  # no kind tag
     with tracked_run(make_cfg(tmp_path), tmp_path / "run", "unit-0002", overrides=[]):
         pass
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
