@@ -253,3 +253,19 @@ def test_dataset_inputs_and_source_tags(tmp_path, store):
     commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert run.data.tags["mlflow.source.name"] == "scripts/train.py"
     assert run.data.tags["mlflow.source.git.commit"] == commit.stdout.strip()
+
+
+def test_pictures_are_step_images_too(tmp_path, store):
+    """The worst-query grid and t-SNE are also MLflow step images, so the run page scrolls through the epochs."""
+    from PIL import Image
+
+    png = tmp_path / "grid.png"
+    Image.new("RGB", (8, 6), (255, 0, 0)).save(png)
+    with tracked_run(make_cfg(tmp_path), tmp_path / "run", "unit-0004", overrides=[]) as tracked:
+        for epoch in (0, 3):
+            tracked.log_step_image(png, "worst_queries", step=epoch)
+    client, run = the_run(tmp_path)
+    names = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    pngs = [n for n in names if n.endswith(".png") and "worst_queries" in n]
+    # MLflow names them images/<key>+step+<step>+timestamp+...png (plus a compressed preview)
+    assert sorted(n.split("+step+")[1].split("+")[0] for n in pngs) == ["0", "3"], names

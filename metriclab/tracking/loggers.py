@@ -70,6 +70,20 @@ class TrackedRun:
             if not isinstance(lg, MLFlowLogger) and local_path.suffix == ".png":
                 log_image_to_other_logger(lg, local_path, f"{artifact_dir or ''}/{local_path.stem}".strip("/"))
 
+    def log_step_image(self, local_path: Path, key: str, step: int) -> None:
+        """A picture as an MLflow step image under `key` (the run page's image panel scrolls through the steps);
+        the file itself goes through `log_artifact`. A failure is a warning: pictures never fail a job."""
+        if self.mlflow_client is None:
+            return
+        try:
+            import numpy as np
+            from PIL import Image
+
+            image = np.asarray(Image.open(local_path).convert("RGB"))
+            self.mlflow_client.log_image(self.mlflow_run_id, image, key=key, step=int(step))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not log %s as MLflow image %s: %s", local_path, key, e)
+
 
 def log_image_to_other_logger(lg: Logger, path: Path, tag: str) -> None:
     import numpy as np

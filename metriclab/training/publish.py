@@ -49,9 +49,12 @@ def publish_validation(
     title = folder.replace("_", " ")
     files = draw_or_warn(f"worst-query grid {run_dir / 'worst_queries' / folder}", lambda: save_worst_queries(
         report, data, embeddings, run_dir / "worst_queries" / folder, cfg, title=title))
+    image_key = f"{tag}/" if tag else ""
     if tracked is not None:
         for f in files:
             tracked.log_artifact(f, f"worst_queries/{folder}")
+            if f.suffix == ".png":
+                tracked.log_step_image(f, f"{image_key}worst_queries", step=epoch)
     if cfg.tsne:
         png = run_dir / "plots" / folder / "tsne.png"
         plots = draw_or_warn(f"t-SNE plot {png}", lambda: [p for p in [save_tsne(
@@ -59,3 +62,4 @@ def publish_validation(
         if tracked is not None:
             for f in plots:
                 tracked.log_artifact(f, f"plots/{folder}")
+                tracked.log_step_image(f, f"{image_key}tsne", step=epoch)
