@@ -217,6 +217,7 @@ def test_validate_reports_both_rankings_and_flip_tta(tmp_path, capsys):
                                                    "evaluation.tsne=false", f"paths.run_dir={tmp_path}/run2"]))
     printed = capsys.readouterr().out
     assert "post-processing aqe(k=5) -> k_reciprocal(k1=8, k2=6, lambda_value=0.3)" in printed
+    assert f"/runs/{out['mlflow_run_id']}?workflowType=machine_learning" in printed  # the run's UI link
     assert "plain  post-processed" in printed
     metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     flat = metrics if "plain/mAP" in metrics else metrics.get("metrics", metrics)

@@ -269,3 +269,18 @@ def test_pictures_are_step_images_too(tmp_path, store):
     pngs = [n for n in names if n.endswith(".png") and "worst_queries" in n]
     # MLflow names them images/<key>+step+<step>+timestamp+...png (plus a compressed preview)
     assert sorted(n.split("+step+")[1].split("+")[0] for n in pngs) == ["0", "3"], names
+
+
+def test_ui_links_open_the_model_training_view(tmp_path, store):
+    from metriclab.tracking.links import run_link, tracked_run_link
+
+    assert run_link("sqlite:////x/mlflow.db", "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert run_link("http://mlflow.lab:8080/", "3", "abc") == (
+        "http://mlflow.lab:8080/#/experiments/3/runs/abc?workflowType=machine_learning")
+    with tracked_run(make_cfg(tmp_path), tmp_path / "run", "unit-0005", overrides=[]) as tracked:
+        link = tracked_run_link(tracked)
+        run_id = tracked.mlflow_run_id
+    client, run = the_run(tmp_path)
+    assert link == (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+                    f"?workflowType=machine_learning   (make ui)")

@@ -31,6 +31,7 @@ from metriclab.evaluation.report import PLAIN_PREFIX
 from metriclab.models.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
 from metriclab.models.freezing import freeze_batchnorm, set_trainable
 from metriclab.models.losses import criterion_needs_balanced_batches
+from metriclab.tracking.links import tracked_run_link
 from metriclab.tracking.run import TrackedRun, tracked_run
 from metriclab.training.callbacks import (
     CheckpointMetadata,
@@ -229,8 +230,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         init_metrics = fit(cfg, checked, loop, module, datamodule)
         metrics = loop.publisher.metrics
         if loop.trainer.is_global_zero and metrics:
+            link = tracked_run_link(tracked)
             print(f"\nvalidation after epoch {loop.trainer.current_epoch - 1} ({run_name}):\n"
-                  f"{format_metrics_table(metrics)}\nrun dir: {run_dir}")
+                  f"{format_metrics_table(metrics)}\nrun dir: {run_dir}" + (f"\nMLflow run: {link}" if link else ""))
             tracked.log_artifact(run_dir / "metrics.json")
         return {
             "run_dir": run_dir,

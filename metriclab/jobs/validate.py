@@ -35,6 +35,7 @@ from metriclab.evaluation.validation import evaluate_validation
 from metriclab.inference.embed import embed_all
 from metriclab.inference.model import load_extractor
 from metriclab.jobs.runs import resolve_run
+from metriclab.tracking.links import tracked_run_link
 from metriclab.tracking.run import tracked_run
 from metriclab.training.publish import publish_validation
 
@@ -161,8 +162,9 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         if cfg.get("export_embeddings"):
             save_embeddings_npz(run_dir / "embeddings.npz", embeddings, inputs.data)
         after = "" if not postprocess else f", post-processing {describe(postprocess)}"
+        link = tracked_run_link(tracked)
         print(f"\n{run_name} on {cfg.dataset.root} ({source}{after}):\n{format_metrics_table(metrics)}\n"
-              f"run dir: {run_dir}")
+              f"run dir: {run_dir}" + (f"\nMLflow run: {link}" if link else ""))
         tracked.log_artifact(run_dir / "metrics.json")
         return {"run_dir": run_dir, "metrics": metrics, "mlflow_run_id": tracked.mlflow_run_id, "run_name": run_name,
                 "embeddings": embeddings}
