@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 DATA  ?=
 # Digits demo knobs (defaults give the numbers in the README).
 DIGITS_ROOT ?= $(CURDIR)/outputs/data/digits
+# Glyphs demo (open set): where scripts/prepare_glyphs.py writes the rendered glyphs.
+GLYPHS_ROOT ?= $(CURDIR)/outputs/data/glyphs
 
-.PHONY: help install lint test test-fast test-all demo ui worst report convert-market convert-cars convert-fruits clean \
+.PHONY: help install lint test test-fast test-all demo demo-glyphs ui worst report convert-market convert-cars convert-fruits clean \
 	convert-sop convert-inshop convert-cub convert-msmt17 convert-cuhk03np convert-veri
 # A bare `make` prints the targets instead of building .venv (the stamp file would otherwise be the first target).
 .DEFAULT_GOAL := help
@@ -37,6 +39,10 @@ test-all: test         ## same as `make test` (kept for old habits)
 demo: install          ## real digits data: prepare, measure random init, train, validate
 	$(PY) scripts/prepare_digits.py --out $(DIGITS_ROOT)
 	$(PY) scripts/demo.py dataset.root=$(DIGITS_ROOT)
+
+demo-glyphs: install   ## open set: render glyphs, then random init vs batch-hard triplet vs ArcFace on unseen classes
+	$(PY) scripts/prepare_glyphs.py --out $(GLYPHS_ROOT)
+	$(PY) scripts/demo_glyphs.py dataset.root=$(GLYPHS_ROOT)
 
 ui: install            ## MLflow UI over the embedded store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \

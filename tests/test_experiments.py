@@ -11,7 +11,7 @@ from tests.helpers import compose_cfg, fast_overrides
 
 EXPERIMENTS = ["market_arcface", "market_triplet", "market_bot", "cars_triplet", "cars_arcface", "fruits_arcface",
                "fruits_cosface", "fruits_sphereface", "fruits_subcenter_arcface", "digits_demo", "sop_triplet",
-               "sop_proxy_anchor", "cub_triplet", "cub_proxy_anchor", "inshop_triplet", "msmt17_bot"]
+               "sop_proxy_anchor", "cub_triplet", "cub_proxy_anchor", "inshop_triplet", "msmt17_bot", "glyphs_demo"]
 
 
 def _plain(name, tmp_path):

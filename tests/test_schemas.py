@@ -9,7 +9,17 @@ from omegaconf import OmegaConf
 
 from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
-from metriclab.core.schemas import SCHEMAS, DatasetConfig, EvaluationConfig, IndexConfig, PathsConfig
+from metriclab.core.schemas import (
+    SCHEMAS,
+    AlphaQEConfig,
+    AverageQEConfig,
+    DatasetConfig,
+    DBAConfig,
+    EvaluationConfig,
+    IndexConfig,
+    KReciprocalConfig,
+    PathsConfig,
+)
 from metriclab.jobs.checks import check_config
 from tests.helpers import compose_cfg
 
@@ -23,8 +33,10 @@ def base(tmp_path: Path):
 
 
 def test_every_plain_group_has_a_schema():
+    # the postprocess group maps step names to steps: each step (postprocess.<name>) is built into its schema
     assert SCHEMAS == {"evaluation": EvaluationConfig, "dataset": DatasetConfig, "index": IndexConfig,
-                       "paths": PathsConfig}
+                       "paths": PathsConfig, "dba": DBAConfig, "aqe": AverageQEConfig, "alpha_qe": AlphaQEConfig,
+                       "k_reciprocal": KReciprocalConfig}
 
 
 def test_groups_build_into_their_schemas_with_the_yaml_values(tmp_path):
