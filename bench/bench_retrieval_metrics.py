@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this script)
+from machine import cpu_model, peak_rss_mb, reset_peak_rss  # noqa: E402  (bench/machine.py, beside this script)
 
 from metriclab.core.atomic import replace_markdown_section
 
@@ -88,23 +88,6 @@ def make_data(n_query: int, n_gallery: int, dim: int, n_ids: int, seed: int = 0,
         qs=np.array([f"{p}_c{c}" for p, c in zip(query_labels, cams_q)], dtype=object),
         gs=np.array([f"{p}_c{c}" for p, c in zip(gallery_labels, cams_g)], dtype=object),
     )
-
-
-def _status_kb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> float:
-    """Reset the peak-RSS mark to the current RSS; returns the current RSS in MB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kb("VmRSS") / 1024
-
-
-def peak_rss_mb() -> float:
-    return _status_kb("VmHWM") / 1024
 
 
 class Clock:
