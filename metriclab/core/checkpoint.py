@@ -53,6 +53,20 @@ class CheckpointMeta:
 
 _WEIGHTS = (str, type(None))
 _BOOL = (bool,)
+
+
+class _IntListMeta(type):
+    def __instancecheck__(cls, value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+class IntList(metaclass=_IntListMeta):
+    """A list of plain ints (isinstance checks every item): a list can hold nothing else in a stored architecture."""
+
+
+_OPTIONAL_INT = (int, type(None))
+_OPTIONAL_STR = (str, type(None))
+
 #: the extractor classes a checkpoint may name, and the constructor arguments (with their plain types) each takes;
 #: what is built is the path here, never a string read from a file
 ALLOWED_EXTRACTORS: Dict[str, Dict[str, Tuple[type, ...]]] = {
@@ -63,6 +77,12 @@ ALLOWED_EXTRACTORS: Dict[str, Dict[str, Tuple[type, ...]]] = {
     "oml.models.ViTCLIPExtractor": {"weights": _WEIGHTS, "arch": (str,), "normalise_features": _BOOL},
     "oml.models.ViTUnicomExtractor": {"weights": _WEIGHTS, "arch": (str,), "normalise_features": _BOOL,
                                       "use_gradient_ckpt": _BOOL},
+    "metriclab.models.extractors.ViTWithMLPExtractor": {"weights": _WEIGHTS, "arch": (str,), "mlp_features": (IntList,),
+                                                        "normalise_features": _BOOL, "use_multi_scale": _BOOL,
+                                                        "train_backbone": _BOOL},
+    "metriclab.models.timm_extractor.TimmExtractor": {"weights": _WEIGHTS, "arch": (str,), "pooling": _OPTIONAL_STR,
+                                                      "embedding_size": _OPTIONAL_INT, "bnneck": _BOOL,
+                                                      "normalise_features": _BOOL},
 }
 #: the same classes under their defining modules' paths (what a config may also name)
 _ALIASES = {"oml.models.resnet.extractor.ResnetExtractor": "oml.models.ResnetExtractor",

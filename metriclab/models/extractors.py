@@ -1,4 +1,8 @@
-"""Build OML extractors from config (with checks OML does not make) and load their weights from our checkpoints."""
+"""Build extractors from config (with checks OML does not make) and load their weights from our checkpoints.
+
+The `extractor` group names an OML extractor, `ViTWithMLPExtractor` below (OML's ExtractorWithMLP from plain
+values) or `metriclab.models.timm_extractor.TimmExtractor`; configs/extractor/<OML zoo key>.yaml are generated from
+OML's registry by scripts/make_zoo_configs.py."""
 from __future__ import annotations
 
 import pickle
@@ -8,6 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from oml.models import ViTExtractor
+from oml.models.meta.projection import ExtractorWithMLP
 
 from metriclab.core.checkpoint import CheckpointMeta, checked_architecture
 from metriclab.core.config import build, build_plain
@@ -25,6 +31,20 @@ class ExtractorTrainingOptions:
 
 #: their names, removed before the constructor is built
 TRAINING_KEYS = tuple(f.name for f in fields(ExtractorTrainingOptions))
+
+
+class ViTWithMLPExtractor(ExtractorWithMLP):
+    """OML's ExtractorWithMLP around a ViTExtractor, built from plain values: OML's class takes an extractor object,
+    which neither a YAML config nor a checkpoint's stored architecture can hold. The zoo key
+    `vits16_224_mlp_384_inshop` goes through OML's download; its state dict keys are OML's (`extractor.model.*`,
+    `projection.*`)."""
+
+    constructors = ViTExtractor.constructors  # `arch` names the inner ViT
+
+    def __init__(self, weights: Optional[str], arch: str, mlp_features: List[int], normalise_features: bool = False,
+                 use_multi_scale: bool = False, train_backbone: bool = True):
+        vit = ViTExtractor(None, arch, normalise_features, use_multi_scale=use_multi_scale)
+        super().__init__(vit, [int(f) for f in mlp_features], weights=weights, train_backbone=train_backbone)
 
 
 def extractor_constructor_cfg(node: DictConfig) -> DictConfig:
@@ -84,6 +104,8 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":  # the hub's format (timm weights): tensors only by construction
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # what torch raises for anything beyond tensors and plain containers
@@ -94,28 +116,44 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> Dict[str, Any]:
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def extractor_state_dict(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The extractor's weights from one of our Lightning checkpoints, or from a plain extractor state dict."""
+def _load_safetensors(path: Path) -> Dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a safetensors file: {type(e).__name__}: {e}") from e
+
+
+def extractor_state_dict(ckpt: Dict[str, Any], own_keys: Optional[Any] = None) -> Dict[str, torch.Tensor]:
+    """The extractor's weights from one of our Lightning checkpoints, or from a plain extractor state dict (kept as
+    it is when its keys are exactly `own_keys`: OML's ExtractorWithMLP names its own backbone `extractor.`)."""
     sd = ckpt.get("state_dict", ckpt)
+    if own_keys is not None and set(sd) == set(own_keys):
+        return sd
     if any(k.startswith("extractor.") for k in sd):  # our LightningModule: drop the loss's own weights
         return {k[len("extractor."):]: v for k, v in sd.items() if k.startswith("extractor.")}
     return sd
 
 
 def _weights_file_keys(extractor: torch.nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A weights file's keys as the extractor names them: OML's extractors also accept their backbone's own state
-    dict (no `model.` prefix), and drop the classifier when `remove_fc` replaced it."""
+    """A weights file's keys as the extractor names them: OML's and timm extractors also accept their backbone's own
+    state dict (no `model.` prefix), and drop the backbone's classifier (`remove_fc`, timm's `classifier` names)."""
     if hasattr(extractor, "model") and sd and not any(k.startswith("model.") for k in sd):
         sd = {f"model.{k}": v for k, v in sd.items()}
-    if getattr(extractor, "remove_fc", False):
+    heads = ["model.fc."] if getattr(extractor, "remove_fc", False) else []
+    classifier = getattr(getattr(extractor, "model", None), "pretrained_cfg", {}).get("classifier")  # timm
+    heads += [f"model.{name}." for name in ([classifier] if isinstance(classifier, str) else classifier or [])]
+    if heads:
         ours = extractor.state_dict()
-        sd = {k: v for k, v in sd.items() if not k.startswith("model.fc.") or k in ours}
+        sd = {k: v for k, v in sd.items() if k in ours or not any(k.startswith(h) for h in heads)}
     return sd
 
 
 def _load_weights(extractor: torch.nn.Module, ckpt: Dict[str, Any], path: str | Path,
                   weights_file: bool = False) -> None:
-    sd = extractor_state_dict(ckpt)
+    sd = extractor_state_dict(ckpt, own_keys=extractor.state_dict().keys())
     if weights_file:
         sd = _weights_file_keys(extractor, sd)
     try:
