@@ -40,7 +40,7 @@ from converters.common import (
     rel_posix,
     run_cli,
 )
-from converters.sop import (
+from converters.listfiles import (
     Box,
     ListLine,
     check_listed_images,

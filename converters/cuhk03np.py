@@ -19,18 +19,13 @@ a subset folder. Without ``--subset`` a subset folder converts as itself, any ot
 Pass the subset folder to keep one ``dataset.csv`` per subset (ROOT/dataset.csv otherwise serves both).
 
     python converters/cuhk03np.py ROOT [--subset labeled|detected] [--out CSV] [--strict] [--skip-bad]
-
-This module also holds the re-ID pieces MSMT17 and VeRi-776 share: :func:`scan_named_images`,
-:func:`offset_labels`, :func:`reid_counts` and :func:`reid_frame` (with Market-1501's rows and query check).
 """
 from __future__ import annotations
 
 import argparse
 import re
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
-
-import pandas as pd
+from typing import Mapping, Sequence
 
 from converters.common import (
     DEFAULT_CSV_NAME,
@@ -39,87 +34,18 @@ from converters.common import (
     ConversionReport,
     base_parser,
     check_expected_counts,
-    list_some,
-    make_rows_frame,
     rel_posix,
     require_dirs,
     run_cli,
-    scan_image_files,
 )
-from converters.market1501 import BAD_NAME_REASON, COLUMNS, build_rows, drop_unscorable_queries
-
-# ------------------------------------------------------------------------------------- re-ID (shared)
-
-Record = tuple[str, int, int]  # path relative to the root, label, camera (Market-1501's records)
-TEST_LABEL_OFFSET = 10_000
-
-
-def scan_named_images(
-    folder: Path,
-    root: Path,
-    parse: Callable[[str], tuple[int, int]],
-    *,
-    extensions: tuple[str, ...],
-    dataset: str,
-    skip_bad: bool,
-    report: ConversionReport,
-) -> list[Record]:
-    """(path, id, camera) of the images directly in ``folder``, parsed from their names; a name ``parse``
-    rejects (ValueError) is an error naming the file, or skipped and counted with ``skip_bad``."""
-    records = []
-    for entry, rel in scan_image_files(folder, root, report, extensions=extensions):
-        try:
-            pid, cam = parse(entry.name)
-        except ValueError as e:
-            if not skip_bad:
-                raise ConversionError(f"{rel}: {e}. Rename or remove it, or pass --skip-bad to skip such files.") from e
-            report.skip(BAD_NAME_REASON, rel)
-            continue
-        records.append((rel, pid, cam))
-    if not records:
-        raise ConversionError(f"{rel_posix(folder, root)}/ holds no {dataset} images")
-    return records
-
-
-def offset_labels(records: list[Record], offset: int = TEST_LABEL_OFFSET) -> list[Record]:
-    return [(rel, pid + offset, cam) for rel, pid, cam in records]
-
-
-def check_disjoint_ids(
-    train: list[Record], test: list[Record], what: str, report: ConversionReport | None = None
-) -> None:
-    """No id is both a train and a test id (before any offset): the protocols keep the sets apart. An error,
-    or a warning in ``report`` where test labels are offset anyway."""
-    shared = sorted({pid for _, pid, _ in train} & {pid for _, pid, _ in test})
-    if not shared:
-        return
-    example = next(rel for rel, pid, _ in test if pid == shared[0])
-    message = f"{what} id(s) in both the train and the test images: {list_some(shared)} (e.g. {example})"
-    if report is None:
-        raise ConversionError(message)
-    report.warn(message + f"; kept apart by the test label offset {TEST_LABEL_OFFSET:,}")
-
-
-def reid_counts(train: list[Record], query: list[Record], gallery: list[Record]) -> dict[str, int]:
-    """The counts the re-ID datasets publish: images per role, train and test identities, cameras."""
-    return {
-        "train images": len(train),
-        "train identities": len({pid for _, pid, _ in train}),
-        "query images": len(query),
-        "gallery images": len(gallery),
-        "test identities": len({pid for _, pid, _ in query + gallery}),
-        "cameras": len({cam for _, _, cam in train + query + gallery}),
-    }
-
-
-def reid_frame(
-    train: list[Record], query: list[Record], gallery: list[Record], skip_bad: bool, report: ConversionReport
-) -> tuple[pd.DataFrame, list[Record]]:
-    """Market-1501's rows (``camera``, ``sequence = "<label>_c<cam>"``) after its check that every query has a
-    gallery image of its id from another camera; returns the frame and the queries kept."""
-    query = drop_unscorable_queries(query, gallery, skip_bad, report)
-    return make_rows_frame(build_rows(train, query, gallery), COLUMNS), query
-
+from converters.reid import (
+    TEST_LABEL_OFFSET,
+    check_disjoint_ids,
+    offset_labels,
+    reid_counts,
+    reid_frame,
+    scan_named_images,
+)
 
 # ------------------------------------------------------------------------------------------ CUHK03-NP
 

@@ -41,7 +41,14 @@ from converters.common import (
     rel_posix,
     run_cli,
 )
-from converters.sop import Box, check_listed_images, check_relative_path, clip_box_to_image, parse_int, read_list_lines
+from converters.listfiles import (
+    Box,
+    check_listed_images,
+    check_relative_path,
+    clip_box_to_image,
+    parse_int,
+    read_list_lines,
+)
 from metriclab.core.constants import (
     CATEGORIES_COLUMN,
     IS_GALLERY_COLUMN,

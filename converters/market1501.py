@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from converters.common import (
-    TRAIN,
-    VALIDATION,
     Conversion,
     ConversionError,
     ConversionReport,
@@ -24,21 +21,11 @@ from converters.common import (
     check_expected_counts,
     list_some,
     make_rows_frame,
-    rel_posix,
     require_dirs,
     run_cli,
-    scan_image_files,
 )
-from metriclab.core.constants import (
-    IS_GALLERY_COLUMN,
-    IS_QUERY_COLUMN,
-    LABELS_COLUMN,
-    PATHS_COLUMN,
-    SEQUENCE_COLUMN,
-    SPLIT_COLUMN,
-)
+from converters.reid import COLUMNS, Record, build_rows, drop_unscorable_queries, scan_named_images
 
-CAMERA_COLUMN = "camera"
 TRAIN_DIR, GALLERY_DIR, QUERY_DIR = "bounding_box_train", "bounding_box_test", "query"
 USED_DIRS = (TRAIN_DIR, QUERY_DIR, GALLERY_DIR)
 # The archive's own top folder, and torchreid's market1501/ wrapper around it.
@@ -49,8 +36,6 @@ JUNK_PID, DISTRACTOR_PID, MAX_PID = -1, 0, 1501
 CAMERAS = range(1, 7)
 
 JUNK_REASON = "junk images (person id -1) dropped from the gallery"
-BAD_NAME_REASON = "malformed file names skipped (--skip-bad)"
-INVALID_QUERY_REASON = "queries without a gallery image of their person from another camera (--skip-bad)"
 
 # Market-1501-v15.09.15 as released: the counts given on the dataset's project page and by torchreid.
 PUBLISHED_COUNTS: Mapping[str, int] = {
@@ -64,11 +49,6 @@ PUBLISHED_COUNTS: Mapping[str, int] = {
     "gallery distractor images (id 0000)": 2_798,
 }
 
-Record = tuple[str, int, int]  # path relative to the root, person id, camera
-
-COLUMNS = [
-    LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN, IS_QUERY_COLUMN, IS_GALLERY_COLUMN, CAMERA_COLUMN, SEQUENCE_COLUMN
-]  # fmt: skip
 
 
 def parse_market_name(name: str) -> tuple[int, int]:
@@ -91,22 +71,6 @@ def find_market_base(root: Path) -> Path:
             return base
     require_dirs(root, USED_DIRS, "Market-1501")  # raises, naming the missing folders
     raise AssertionError("unreachable")
-
-
-def _scan_folder(base: Path, root: Path, folder: str, report: ConversionReport, skip_bad: bool) -> list[Record]:
-    records = []
-    for entry, rel in scan_image_files(base / folder, root, report, extensions=(".jpg",)):
-        try:
-            pid, cam = parse_market_name(entry.name)
-        except ValueError as e:
-            if not skip_bad:
-                raise ConversionError(f"{rel}: {e}. Rename or remove it, or pass --skip-bad to skip such files.") from e
-            report.skip(BAD_NAME_REASON, rel)
-            continue
-        records.append((rel, pid, cam))
-    if not records:
-        raise ConversionError(f"{rel_posix(base / folder, root)}/ holds no Market-1501 images")
-    return records
 
 
 def _check_special_pids(train: list[Record], query: list[Record]) -> None:
@@ -138,26 +102,6 @@ def _check_disjoint_pids(train: list[Record], query: list[Record], gallery: list
         raise ConversionError(f"person id(s) in both {TRAIN_DIR}/ and query/gallery: {list_some(shared)}")
 
 
-def drop_unscorable_queries(
-    query: list[Record], gallery: list[Record], skip_bad: bool, report: ConversionReport
-) -> list[Record]:
-    """Queries with no gallery image of their person from another camera: an error, or skipped with skip_bad."""
-    gallery_cams = defaultdict(set)
-    for _, pid, cam in gallery:
-        gallery_cams[pid].add(cam)
-    invalid = [rel for rel, pid, cam in query if not (gallery_cams[pid] - {cam})]
-    if invalid and not skip_bad:
-        raise ConversionError(
-            f"{len(invalid):,} query image(s) have no gallery image of the same person from another camera, "
-            f"so the protocol cannot score them: {list_some(invalid)}. Add their gallery images, remove them, "
-            f"or pass --skip-bad to drop them."
-        )
-    for rel in invalid:
-        report.skip(INVALID_QUERY_REASON, rel)
-    invalid_set = set(invalid)
-    return [r for r in query if r[0] not in invalid_set]
-
-
 def _check_counts(
     train: list[Record], query: list[Record], gallery: list[Record], strict: bool, report: ConversionReport
 ) -> None:
@@ -177,33 +121,15 @@ def _check_counts(
     check_expected_counts(actual, PUBLISHED_COUNTS, strict=strict, report=report, what="Market-1501")
 
 
-def build_rows(train: list[Record], query: list[Record], gallery: list[Record]) -> list[dict]:
-    rows = []
-    for records, split, is_query, is_gallery in (
-        (train, TRAIN, None, None),
-        (query, VALIDATION, True, False),
-        (gallery, VALIDATION, False, True),
-    ):
-        for rel, pid, cam in records:
-            rows.append(
-                {
-                    LABELS_COLUMN: pid,
-                    PATHS_COLUMN: rel,
-                    SPLIT_COLUMN: split,
-                    IS_QUERY_COLUMN: is_query,
-                    IS_GALLERY_COLUMN: is_gallery,
-                    CAMERA_COLUMN: cam,
-                    SEQUENCE_COLUMN: f"{pid}_c{cam}",
-                }
-            )
-    return rows
-
-
 def convert_market1501(root: Path | str, *, strict: bool = False, skip_bad: bool = False) -> Conversion:
     root = Path(root)
     base = find_market_base(root)
     report = ConversionReport("Market-1501", label_noun="identities")
-    train, query, gallery_raw = (_scan_folder(base, root, d, report, skip_bad) for d in USED_DIRS)
+    train, query, gallery_raw = (
+        scan_named_images(base / d, root, parse_market_name, extensions=(".jpg",), dataset="Market-1501",
+                          skip_bad=skip_bad, report=report)
+        for d in USED_DIRS
+    )
     _check_special_pids(train, query)
     gallery = _drop_junk(gallery_raw, report)
     _check_disjoint_pids(train, query, gallery)

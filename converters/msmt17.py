@@ -37,9 +37,8 @@ from converters.common import (
     rel_posix,
     run_cli,
 )
-from converters.cuhk03np import TEST_LABEL_OFFSET, Record, offset_labels, reid_counts, reid_frame
-from converters.market1501 import BAD_NAME_REASON
-from converters.sop import check_listed_images, check_relative_path, parse_int, read_list_lines
+from converters.listfiles import check_listed_images, check_relative_path, parse_int, read_list_lines
+from converters.reid import BAD_NAME_REASON, TEST_LABEL_OFFSET, Record, offset_labels, reid_counts, reid_frame
 
 TRAIN_LIST, VAL_LIST, QUERY_LIST, GALLERY_LIST = "list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt"
 LISTS = (TRAIN_LIST, VAL_LIST, QUERY_LIST, GALLERY_LIST)

@@ -35,7 +35,7 @@ from converters.common import (
     require_dirs,
     run_cli,
 )
-from converters.cuhk03np import Record, check_disjoint_ids, reid_counts, reid_frame, scan_named_images
+from converters.reid import Record, check_disjoint_ids, reid_counts, reid_frame, scan_named_images
 
 TRAIN_DIR, QUERY_DIR, GALLERY_DIR = "image_train", "image_query", "image_test"
 USED_DIRS = (TRAIN_DIR, QUERY_DIR, GALLERY_DIR)

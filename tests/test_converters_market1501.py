@@ -20,15 +20,8 @@ from converter_trees import (
 from oml.const import IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SEQUENCE_COLUMN, SPLIT_COLUMN
 
 from converters.common import ConversionError
-from converters.market1501 import (
-    BAD_NAME_REASON,
-    INVALID_QUERY_REASON,
-    JUNK_REASON,
-    PUBLISHED_COUNTS,
-    convert_market1501,
-    main,
-    parse_market_name,
-)
+from converters.market1501 import JUNK_REASON, PUBLISHED_COUNTS, convert_market1501, main, parse_market_name
+from converters.reid import BAD_NAME_REASON, INVALID_QUERY_REASON
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ from converter_trees_more import msmt_lines, read_written_csv, write_msmt_tree
 from oml.const import IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SEQUENCE_COLUMN, SPLIT_COLUMN
 
 from converters.common import ConversionError
+from converters.listfiles import UNLISTED_REASON
 from converters.msmt17 import PUBLISHED_COUNTS, VAL_EXCLUDED_REASON, convert_msmt17, main, parse_msmt_name
-from converters.sop import UNLISTED_REASON
 
 SMALL_COUNTS = {
     "train images": 6, "train identities": 3, "query images": 3, "gallery images": 5, "test identities": 3,

@@ -18,7 +18,8 @@ from converter_trees_more import (
 from oml.const import CATEGORIES_COLUMN, IS_GALLERY_COLUMN, IS_QUERY_COLUMN, LABELS_COLUMN, PATHS_COLUMN, SPLIT_COLUMN
 
 from converters.common import ConversionError
-from converters.sop import PUBLISHED_COUNTS, UNLISTED_REASON, convert_sop, main
+from converters.listfiles import UNLISTED_REASON
+from converters.sop import PUBLISHED_COUNTS, convert_sop, main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_COUNTS = {"train images": 11, "train classes": 4, "test images": 7, "test classes": 3, "super-classes": 4}
