@@ -114,11 +114,10 @@ def read_inputs(cfg: DictConfig) -> ValidationInputs:
     return ValidationInputs(data, ckpt=ckpt, extra=extra)
 
 
-def embed_rows(cfg: DictConfig, extractor: Any, data: ValidationData, what: str) -> torch.Tensor:
-    """The embeddings of `data`'s rows (row order) by the loaded `extractor`, flip TTA as configured."""
+def embed_rows(cfg: DictConfig, extractor: Any, data: ValidationData, what: str, flip_tta: bool) -> torch.Tensor:
+    """The embeddings of `data`'s rows (row order) by the loaded `extractor` (`flip_tta`: with the mirror images)."""
     emb = embed_all(extractor.model, data.dataset, [str(data.root / p) for p in data.paths], what,
-                    int(cfg.batch_size_val), int(cfg.num_workers), extractor.precision,
-                    flip_tta=build(cfg.evaluation, "evaluation").flip_tta)
+                    int(cfg.batch_size_val), int(cfg.num_workers), extractor.precision, flip_tta=flip_tta)
     return torch.from_numpy(emb)
 
 
@@ -129,11 +128,10 @@ def embed_validation_rows(cfg: DictConfig, inputs: ValidationInputs,
     if inputs.embeddings_file is not None:
         return load_embeddings_npz(inputs.embeddings_file, inputs.data), 0, f"embeddings {cfg.embeddings}"
     extractor = extractor or load_extractor(cfg)
-    emb = embed_rows(cfg, extractor, inputs.data, "validation")
+    flip_tta = build(cfg.evaluation, "evaluation").flip_tta
+    emb = embed_rows(cfg, extractor, inputs.data, "validation", flip_tta)
     source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor.constructor_cfg.get('weights')}"
-    if cfg.evaluation.get("flip_tta"):
-        source += ", flip TTA"
-    return emb, extractor.epoch, source
+    return emb, extractor.epoch, source + (", flip TTA" if flip_tta else "")
 
 
 def validate(cfg: DictConfig) -> Dict[str, Any]:
@@ -154,9 +152,8 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         embeddings, epoch, source = embed_validation_rows(cfg, inputs, extractor)
         report = evaluate_validation(embeddings, inputs.data, evaluation, postprocess)
         for name, data in inputs.extra.items():  # cross-dataset: each set under its name
-            extra_report = evaluate_validation(embed_rows(cfg, extractor, data, f"extra_validation.{name}"), data,
-                                               evaluation, postprocess)
-            report.metrics.update(prefixed(name, extra_report.metrics))
+            extra_emb = embed_rows(cfg, extractor, data, f"extra_validation.{name}", evaluation.flip_tta)
+            report.metrics.update(prefixed(name, evaluate_validation(extra_emb, data, evaluation, postprocess).metrics))
         publish_validation(report, embeddings, inputs.data, evaluation, tracked, run_dir, epoch=epoch)
         metrics = {k: float(v) for k, v in report.metrics.items()}
         if cfg.get("export_embeddings"):
