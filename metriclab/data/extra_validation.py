@@ -10,41 +10,12 @@ same contract (every row, before any run opens). Metrics are reported as `<name>
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Dict
 
-from omegaconf import DictConfig, OmegaConf
-
-from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
+from metriclab.core.extra_validation import extra_validation_roots
 from metriclab.data.datasets import ValidationData, build_validation_data, read_dataset_csv
-
-#: a set's name becomes a metric prefix (`duke/mAP`) and an MLflow key: letters, digits, `_`, `-`
-NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def extra_validation_roots(node: Any) -> Dict[str, Any]:
-    """name -> its `dataset` config (built: DatasetConfig) from the `extra_validation` mapping; a bad name or value
-    is a ConfigError naming the key."""
-    if node is None:
-        return {}
-    if not isinstance(node, (DictConfig, dict)):
-        raise ConfigError(f"`extra_validation` must map names to dataset folders "
-                          f"(+extra_validation.duke=/data/duke), got {node!r}")
-    out = {}
-    for key, value in node.items():
-        name = str(key)
-        if not NAME.match(name):
-            raise ConfigError(f"`extra_validation.{name}`: a set's name may hold only letters, digits, `_` and `-` "
-                              f"(it prefixes its metrics: {name}/mAP)")
-        if isinstance(value, (str, Path)):
-            value = {"root": str(value)}
-        elif value is None or not isinstance(value, (DictConfig, dict)):
-            raise ConfigError(f"`extra_validation.{name}` must be a dataset folder or {{root: ..., csv: ...}}, "
-                              f"got {value!r}")
-        out[name] = build(OmegaConf.create(dict(value)), "dataset")
-    return out
 
 
 def read_extra_validation(node: Any, transform: Any) -> Dict[str, ValidationData]:
@@ -63,4 +34,4 @@ def prefixed(name: str, metrics: Dict[str, float]) -> Dict[str, float]:
     return {f"{name}/{k}": v for k, v in metrics.items()}
 
 
-__all__ = ["NAME", "extra_validation_roots", "prefixed", "read_extra_validation"]
+__all__ = ["prefixed", "read_extra_validation"]

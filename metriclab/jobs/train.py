@@ -21,10 +21,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from metriclab.core.checkpoint import CheckpointMeta, previous_path
 from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
+from metriclab.core.extra_validation import extra_validation_roots
 from metriclab.core.schemas import DatasetConfig, EvaluationConfig
 from metriclab.data.datamodule import MetricLearningDataModule
 from metriclab.data.datasets import ValidationData, build_train_data, build_validation_data, read_dataset_csv
-from metriclab.data.extra_validation import extra_validation_roots, read_extra_validation
+from metriclab.data.extra_validation import read_extra_validation
 from metriclab.evaluation.pictures import format_metrics_table
 from metriclab.evaluation.postprocess import PostprocessStep, check_sizes, steps_from_config
 from metriclab.evaluation.report import PLAIN_PREFIX

@@ -14,6 +14,8 @@ from typing import Any, List, Tuple
 
 from omegaconf import DictConfig
 
+from metriclab.core.extra_validation import extra_validation_roots
+
 log = logging.getLogger(__name__)
 
 #: MLflow's tag on a dataset input saying how the run used it
@@ -38,9 +40,8 @@ def dataset_csvs(cfg: DictConfig) -> List[Tuple[str, Path, str]]:
         context = "train" if cfg.get("task") == "train" else "validation"
         out.append((Path(str(dataset.root)).name, Path(str(dataset.root)) / str(dataset.get("csv", "dataset.csv")),
                     context))
-    for name, value in (cfg.get("extra_validation") or {}).items():
-        root, csv = (value, "dataset.csv") if isinstance(value, str) else (value.get("root"), value.get("csv"))
-        out.append((str(name), Path(str(root)) / str(csv or "dataset.csv"), "validation"))
+    for name, extra in extra_validation_roots(cfg.get("extra_validation")).items():
+        out.append((name, Path(extra.root) / extra.csv, "validation"))
     return [(name, path, context) for name, path, context in out if path.is_file()]
 
 
