@@ -46,6 +46,7 @@ from metriclab.core.constants import (
     PATHS_COLUMN,
     SPLIT_COLUMN,
 )
+from metriclab.core.progress import progress
 
 TRAIN_DIR = "train"
 SPLIT_DIRS = ("train", "validation", "test")
@@ -132,7 +133,8 @@ def _inspect(
 ) -> list[FruitImage]:
     """The folder's usable images; unusable files, image modes and mislabelled files go into the accumulators."""
     images = []
-    for class_name, paths in files_by_class.items():
+    # every image is opened (format, mode, hash): the slow part of a conversion, hence the bar
+    for class_name, paths in progress(list(files_by_class.items()), f"reading {folder} images", unit="class"):
         if not paths:
             report.warn(f"{folder}/{class_name}/ holds no images")
         for path in paths:

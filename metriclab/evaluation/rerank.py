@@ -36,6 +36,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from metriclab.core.progress import progress
+
 EXTRA_CANDIDATES = 8  # candidates fetched beyond the k kept, so near-ties in float32 can be re-ordered in float64
 MAX_CANDIDATES = 8  # largest-distance candidates fetched per row to find the row maximum in float64
 PAIR_CHUNK_ELEMS = 1 << 22  # float64 elements of one gathered (pairs x D) difference array: 32 MB
@@ -167,7 +169,7 @@ class KReciprocal:
         high_idx = np.empty((len(rows), n_high), dtype=np.int64)
         high_val = np.empty((len(rows), n_high), dtype=np.float64)
         buf = torch.empty((step, n), dtype=dtype)
-        for s in range(0, len(rows), step):
+        for s in progress(range(0, len(rows), step), "re-ranking: nearest neighbours", -(-len(rows) // step), "block"):
             sel = torch.from_numpy(rows[s:s + step])
             out = buf[:len(sel)]
             torch.addmm(sq.unsqueeze(0).expand(len(sel), n), feats[sel], feats.T, alpha=-2.0, out=out)
@@ -244,7 +246,7 @@ class KReciprocal:
         # rows per chunk: the [b, width, hw] candidate arrays and a [b, N] membership scratch stay bounded
         step = max(1, RECIPROCAL_CHUNK_ELEMS // max(width * hw, n))
         member = np.zeros((min(step, n), n), dtype=bool)  # member[r, x]: x is in R(s + r, k1)
-        for s in range(0, n, step):
+        for s in progress(range(0, n, step), "re-ranking: reciprocal sets", -(-n // step), "block"):
             e = min(n, s + step)
             cand, recip = first[s:e], self._reciprocal[s:e]  # [b, width]
             bi, pi = np.nonzero(recip)

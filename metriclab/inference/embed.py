@@ -16,6 +16,7 @@ from oml.const import INPUT_TENSORS_KEY
 from torch.utils.data import DataLoader, Dataset
 
 from metriclab.core.errors import ConfigError
+from metriclab.core.progress import progress
 from metriclab.models.tta import extract_maybe_flip
 
 #: `trainer.precision` values -> the autocast dtype (None = plain fp32). Lightning's aliases are accepted too.
@@ -99,17 +100,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def embed_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 128, num_workers: int = 0,
-                  precision: Any = None, flip_tta: bool = False) -> Tuple[np.ndarray, List[int], List[Tuple[int, str]]]:
+                  precision: Any = None, flip_tta: bool = False,
+                  desc: str = "embedding") -> Tuple[np.ndarray, List[int], List[Tuple[int, str]]]:
     """Embeddings of the readable items (float32 [n_ok, D], in item order), their item indices, and the failures
     as (item index, reason). Runs on the model's device in `precision` (a `trainer.precision` value). `flip_tta`:
-    each embedding is the mean of the image's and its horizontal flip's (`metriclab.models.tta`)."""
+    each embedding is the mean of the image's and its horizontal flip's (`metriclab.models.tta`). `desc` names
+    the progress bar (drawn on a terminal only)."""
     model.eval()
     device = _model_device(model)
     extract = getattr(model, "extract", model)
     loader = DataLoader(_SafeItems(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate)
     chunks, ok_ids, failed = [], [], []
-    for ids, tensors, bad in loader:
+    for ids, tensors, bad in progress(loader, desc, total=len(loader), unit="batch"):
         failed += bad
         if tensors is not None:
             with precision_context(precision, device):
@@ -130,7 +133,7 @@ def embed_all(model: torch.nn.Module, dataset: Dataset, paths: Sequence[str], wh
               num_workers: int = 0, precision: Any = None, hint: str = "", flip_tta: bool = False) -> np.ndarray:
     """Embeddings of every item (float32 [N, D], item order); any unreadable image is a ConfigError listing them.
     `paths[i]` names item i in the message, `what` says which images they are (e.g. "validation")."""
-    emb, _, failed = embed_dataset(model, dataset, batch_size, num_workers, precision, flip_tta)
+    emb, _, failed = embed_dataset(model, dataset, batch_size, num_workers, precision, flip_tta, f"embedding {what}")
     if failed:
         raise ConfigError(f"{len(failed)} {what} image(s) cannot be read: {list_failures(failed, paths)}{hint}")
     return emb

@@ -33,6 +33,7 @@ import pandas as pd
 from metriclab.core.atomic import atomic_write, write_csv_atomic, write_json_atomic
 from metriclab.core.constants import CLASS_NAME_COLUMN, DISTANCES
 from metriclab.core.errors import ConfigError
+from metriclab.core.progress import progress
 from metriclab.core.schemas import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,10 @@ def build_index(embeddings: np.ndarray, spec: IndexSpec) -> faiss.Index:
     else:
         index = faiss.IndexHNSWFlat(dim, int(spec.m), metric)
         index.hnsw.efConstruction = int(spec.ef_construction)
-    index.add(data)
+    step = 16384  # rows per add: an HNSW build of a large gallery takes minutes, the bar shows it moving
+    for start in progress(range(0, len(data), step), f"building the {spec.kind} index", -(-len(data) // step),
+                          "chunk"):
+        index.add(data[start : start + step])
     return index
 
 
