@@ -68,7 +68,7 @@ def test_primary_config_composes_and_resolves(tmp_path, name):
     cfg = compose_cfg(name, _base(tmp_path))
     container = OmegaConf.to_container(cfg, resolve=True)  # `???` values (e.g. predict's ckpt) stay required
     assert container["paths"]["outputs_dir"] == str(tmp_path)
-    assert container["task"] in {"train", "validate", "predict", "explain", "report"}
+    assert container["task"] in {"train", "validate", "predict", "explain", "report", "export"}
     if "logger" in container:
         expected_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp_path}/mlflow.db"
         assert container["logger"]["tracking_uri"] == expected_uri

@@ -15,9 +15,11 @@ from metriclab.core.schemas import (
     AverageQEConfig,
     DatasetConfig,
     DBAConfig,
+    DebugConfig,
     EvaluationConfig,
     IndexConfig,
     KReciprocalConfig,
+    ParityConfig,
     PathsConfig,
 )
 from metriclab.jobs.checks import check_config
@@ -35,7 +37,8 @@ def base(tmp_path: Path):
 def test_every_plain_group_has_a_schema():
     # the postprocess group maps step names to steps: each step (postprocess.<name>) is built into its schema
     assert SCHEMAS == {"evaluation": EvaluationConfig, "dataset": DatasetConfig, "index": IndexConfig,
-                       "paths": PathsConfig, "dba": DBAConfig, "aqe": AverageQEConfig, "alpha_qe": AlphaQEConfig,
+                       "paths": PathsConfig, "debug": DebugConfig, "parity": ParityConfig,
+                       "dba": DBAConfig, "aqe": AverageQEConfig, "alpha_qe": AlphaQEConfig,
                        "k_reciprocal": KReciprocalConfig}
 
 

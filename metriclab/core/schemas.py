@@ -148,6 +148,38 @@ class DBAConfig:
             raise ConfigError(f"`postprocess.dba.alpha={self.alpha}` must be >= 0")
 
 
+@dataclass
+class DebugConfig:
+    """`debug` (set by `debug=<name>`, configs/debug/): marks a run as a debug run (metriclab.tracking.debug)."""
+
+    name: str = MISSING
+    experiment_suffix: str = "-debug"
+
+    def __post_init__(self) -> None:
+        if not str(self.name).strip():
+            raise ConfigError("`debug.name` is empty: name the debug mode (configs/debug/<name>.yaml sets it)")
+        if not str(self.experiment_suffix).strip():
+            raise ConfigError("`debug.experiment_suffix` is empty: debug runs must not go to the experiment of real "
+                              "results")
+
+
+@dataclass
+class ParityConfig:
+    """`parity` (export): ONNX vs PyTorch embeddings on real validation images, at batch 1 and `batch_size`. Only the
+    export config has the group."""
+
+    batch_size: int = 8
+    atol: float = 1e-4
+    min_cosine: float = 0.9999
+
+    def __post_init__(self) -> None:
+        check_positive("parity.batch_size", self.batch_size)
+        if not self.atol >= 0:
+            raise ConfigError(f"`parity.atol={self.atol}` must be >= 0")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"`parity.min_cosine={self.min_cosine}` must lie in [-1, 1]")
+
+
 #: the post-processing steps (`postprocess.<name>`), in the order a chain may use them
 POSTPROCESS_STEPS = {
     "dba": DBAConfig,
@@ -162,9 +194,11 @@ SCHEMAS = {
     "dataset": DatasetConfig,
     "index": IndexConfig,
     "paths": PathsConfig,
+    "debug": DebugConfig,
+    "parity": ParityConfig,
     **POSTPROCESS_STEPS,
 }
 
 __all__ = ["BACKENDS", "INDEX_KINDS", "ON_BAD_IMAGE", "POSTPROCESS_STEPS", "AlphaQEConfig", "AverageQEConfig",
-           "DBAConfig", "DatasetConfig", "EvaluationConfig", "IndexConfig", "KReciprocalConfig", "PathsConfig",
-           "SCHEMAS", "check_positive", "check_unit_interval"]
+           "DBAConfig", "DatasetConfig", "DebugConfig", "EvaluationConfig", "IndexConfig", "KReciprocalConfig",
+           "ParityConfig", "PathsConfig", "SCHEMAS", "check_positive", "check_unit_interval"]

@@ -1,5 +1,6 @@
 """The model an inference job runs: a checkpoint (or the configured extractor's own weights) on a device, with
-what the training run recorded about it (its config: transforms and precision)."""
+what the training run recorded about it (its config: transforms and precision); or an exported ONNX model
+(`model=<model.onnx>`, run by onnxruntime: metriclab.inference.onnx_model)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metriclab.core.checkpoint import CheckpointMeta
 from metriclab.inference.embed import DEFAULT_PRECISION, check_precision, resolve_device
+from metriclab.inference.onnx_model import load_onnx_extractor
 from metriclab.inference.search_index import file_sha256
 from metriclab.models.extractors import build_extractor_for_inference, extractor_constructor_cfg
 
@@ -28,12 +30,16 @@ class LoadedExtractor:
     precision: str = DEFAULT_PRECISION
     #: the checkpoint's epoch (Lightning's `epoch` key), 0 without a checkpoint
     epoch: int = 0
+    #: the ONNX file `model` runs (`model=`), None for a PyTorch extractor
+    onnx_model: Optional[Path] = None
 
     def key_parts(self) -> Dict[str, Any]:
         """What identifies the embeddings this model gives (the gallery cache key)."""
         parts: Dict[str, Any] = {"extractor": self.constructor_cfg}
         weights = self.constructor_cfg.get("weights")
-        if self.checkpoint is not None:
+        if self.onnx_model is not None:
+            parts["onnx_sha256"] = file_sha256(self.onnx_model)
+        elif self.checkpoint is not None:
             parts["checkpoint_sha256"] = file_sha256(self.checkpoint)
         elif isinstance(weights, str) and Path(weights).is_file():  # a weights file can be overwritten in place
             parts["weights_sha256"] = file_sha256(Path(weights))
@@ -65,9 +71,24 @@ def run_precision(cfg: DictConfig, meta: CheckpointMeta) -> str:
     return check_precision(found)
 
 
+def load_onnx(cfg: DictConfig) -> LoadedExtractor:
+    """`cfg.model`: an exported ONNX model on onnxruntime (fp32; the architecture is the contract's `extractor`)."""
+    path = Path(cfg.model).resolve()
+    model = load_onnx_extractor(path, cfg.get("device", "auto"))
+    ckpt = OmegaConf.select(cfg, "ckpt", default=None, throw_on_missing=False)
+    if ckpt:
+        log.info("model=%s is run; ckpt=%s is not used", path, ckpt)
+    constructor = {"format": "onnx", "extractor": model.contract.get("extractor")}
+    return LoadedExtractor(model, constructor, None, CheckpointMeta(), DEFAULT_PRECISION,
+                           int(model.contract.get("epoch") or 0), onnx_model=path)
+
+
 def load_extractor(cfg: DictConfig) -> LoadedExtractor:
-    """`cfg.ckpt` (our checkpoint: its stored architecture unless extractor_from_ckpt=false) or the `extractor`
-    config's own weights (zoo key / random init) when ckpt is null; in eval mode on `cfg.device`."""
+    """`cfg.model` (an exported ONNX model), else `cfg.ckpt` (our checkpoint: its stored architecture unless
+    extractor_from_ckpt=false) or the `extractor` config's own weights (zoo key / random init) when ckpt is null;
+    in eval mode on `cfg.device`."""
+    if cfg.get("model"):
+        return load_onnx(cfg)
     ckpt = cfg.get("ckpt")
     model, loaded, extractor_cfg = build_extractor_for_inference(cfg.extractor, ckpt,
                                                                  cfg.get("extractor_from_ckpt", True))
@@ -92,4 +113,5 @@ def warn_if_transforms_differ(cfg: DictConfig, meta: CheckpointMeta) -> None:
                     Path(str(meta.run_dir)) / "config.yaml", ours, theirs)
 
 
-__all__ = ["LoadedExtractor", "load_extractor", "run_precision", "training_run_config", "warn_if_transforms_differ"]
+__all__ = ["LoadedExtractor", "load_extractor", "load_onnx", "run_precision", "training_run_config",
+           "warn_if_transforms_differ"]

@@ -28,6 +28,7 @@ from metriclab.evaluation.postprocess import check_sizes, describe, ranked_topk,
 from metriclab.inference.embed import embed_dataset, list_failures
 from metriclab.inference.gallery import collect_images, flip_tta_of, gallery_index
 from metriclab.inference.model import load_extractor, warn_if_transforms_differ
+from metriclab.inference.onnx_model import with_model_contract
 from metriclab.inference.predictions import draw_prediction, prediction_records, summary_lines
 from metriclab.inference.search_index import GalleryIndex
 
@@ -54,6 +55,8 @@ def _cache_note(gallery: GalleryIndex) -> str:
 def predict(cfg: DictConfig) -> Dict[str, Any]:
     """Predict every readable image of `cfg.images`; returns the records, the files written and the cache flags."""
     run_dir, run_name, _ = job_identity(cfg)
+    if cfg.get("model"):  # an exported ONNX model: its contract's val transform
+        cfg = with_model_contract(cfg)
     k = _check_k(cfg.k)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))

@@ -34,6 +34,7 @@ from metriclab.evaluation.postprocess import check_sizes, describe, steps_from_c
 from metriclab.evaluation.validation import evaluate_validation
 from metriclab.inference.embed import embed_all
 from metriclab.inference.model import load_extractor
+from metriclab.inference.onnx_model import with_model_contract
 from metriclab.jobs.runs import resolve_run
 from metriclab.tracking.links import tracked_run_link
 from metriclab.tracking.run import tracked_run
@@ -130,7 +131,8 @@ def embed_validation_rows(cfg: DictConfig, inputs: ValidationInputs,
     extractor = extractor or load_extractor(cfg)
     flip_tta = build(cfg.evaluation, "evaluation").flip_tta
     emb = embed_rows(cfg, extractor, inputs.data, "validation", flip_tta)
-    source = f"ckpt {cfg.ckpt}" if cfg.get("ckpt") else f"weights {extractor.constructor_cfg.get('weights')}"
+    source = (f"model {cfg.model}" if cfg.get("model") else f"ckpt {cfg.ckpt}" if cfg.get("ckpt")
+              else f"weights {extractor.constructor_cfg.get('weights')}")
     return emb, extractor.epoch, source + (", flip TTA" if flip_tta else "")
 
 
@@ -138,6 +140,8 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
     """Evaluate and log; returns run dir, metrics, tracker run id, run name and the embeddings."""
     run_dir, run_name, overrides = job_identity(cfg)
     cfg = resolve_run(cfg, overrides)
+    if cfg.get("model"):  # an exported ONNX model: its contract's val transform
+        cfg = with_model_contract(cfg)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(cfg.get("seed"))
