@@ -2,14 +2,32 @@
 plain shuffled batches) and the validation rows in order, each split across DDP ranks when there are several."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from metriclab.core.config import build
 from metriclab.core.errors import ConfigError
 from metriclab.data.datasets import TrainData, ValidationData
+
+
+class ReplayedBatches(Sampler):
+    """The batches of one pass of `batch_sampler`, drawn once and replayed unchanged every epoch: what
+    `trainer.overfit_batches` means. Lightning makes a shuffled loader sequential for it, but a batch sampler (n x k)
+    draws new batches each epoch, which it cannot see."""
+
+    def __init__(self, batch_sampler: Any):
+        self.batch_sampler = batch_sampler
+        self.batches: Optional[List[List[int]]] = None
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if self.batches is None:
+            self.batches = [list(batch) for batch in self.batch_sampler]
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches) if self.batches is not None else len(self.batch_sampler)
 
 
 class MetricLearningDataModule(pl.LightningDataModule):
@@ -52,7 +70,16 @@ class MetricLearningDataModule(pl.LightningDataModule):
         return loader
 
     def train_dataloader(self) -> DataLoader:
-        return self._for_ranks(self.train_loader)
+        loader = self.train_loader
+        batch_sampler = loader.batch_sampler
+        overfit = getattr(self.trainer, "overfit_batches", 0) if self.trainer is not None else 0
+        if (overfit > 0 and batch_sampler is not None
+                and not isinstance(batch_sampler, (BatchSampler, ReplayedBatches))):
+            # overfit_batches: the same first batches every epoch (debug=overfit)
+            loader = DataLoader(loader.dataset, batch_sampler=ReplayedBatches(batch_sampler),
+                                num_workers=loader.num_workers)
+            self.train_loader = loader
+        return self._for_ranks(loader)
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
         """The main validation rows; with extra validation sets, a list: the main set first (dataloader 0)."""

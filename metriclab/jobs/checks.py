@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Set
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from metriclab.core.checkpoint import previous_path
 from metriclab.core.config import build, build_plain
@@ -162,13 +163,58 @@ def check_files(cfg: DictConfig) -> None:
             raise ConfigError(f"gallery={gallery} is not a folder: pass a folder with one sub-folder per class")
 
 
+def hydra_launcher() -> Optional[DictConfig]:
+    """`hydra.launcher` of this job (None outside @hydra.main)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().launcher
+    except ValueError:
+        return None
+
+
+def check_launcher(cfg: DictConfig, launcher: Optional[DictConfig] = None) -> None:
+    """A submitit launcher (hydra/launcher=slurm|submitit_local) starts `nodes x tasks_per_node` processes per job;
+    Lightning's DDP expects `trainer.num_nodes x trainer.devices` of them, one per device: they must agree."""
+    launcher = hydra_launcher() if launcher is None else launcher
+    trainer = cfg.get("trainer")
+    if launcher is None or trainer is None or "tasks_per_node" not in launcher:
+        return  # Hydra's basic launcher: Lightning starts the processes itself
+    num_nodes, devices = trainer.get("num_nodes", 1), trainer.get("devices", 1)
+    try:  # the launcher's keys interpolate the trainer's: `devices=auto` or a list does not fit its integers
+        nodes, tasks, gpus = launcher.get("nodes"), launcher.get("tasks_per_node"), launcher.get("gpus_per_node")
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"hydra.launcher cannot follow trainer.devices={devices}, trainer.num_nodes={num_nodes} "
+                          f"({' '.join(str(e).split())}): give integers, the devices (processes) per node and the "
+                          f"nodes") from e
+    if "LocalLauncher" in str(launcher.get("_target_", "")):
+        if (nodes, tasks, devices, num_nodes) != (1, 1, 1, 1):
+            raise ConfigError(f"hydra/launcher=local runs one process per job (hydra.launcher.nodes={nodes}, "
+                              f"tasks_per_node={tasks}, trainer.devices={devices}, trainer.num_nodes={num_nodes}): "
+                              f"it cannot start DDP's processes; use trainer.devices=1, or hydra/launcher=slurm")
+        return
+    if not isinstance(devices, int) or isinstance(devices, bool):
+        raise ConfigError(f"trainer.devices={devices}: under hydra/launcher=slurm give the number of devices per node "
+                          f"(an integer): SLURM starts that many processes on each node")
+    if nodes != num_nodes:
+        raise ConfigError(f"hydra.launcher.nodes={nodes} but trainer.num_nodes={num_nodes}: Lightning's DDP needs "
+                          f"one process per device on every node; set trainer.num_nodes (the launcher follows it)")
+    if tasks != devices:
+        raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} but trainer.devices={devices}: one process per "
+                          f"device; set trainer.devices (the launcher's tasks_per_node and gpus_per_node follow it)")
+    if trainer.get("accelerator") in ("gpu", "cuda") and gpus is not None and gpus != devices:
+        raise ConfigError(f"hydra.launcher.gpus_per_node={gpus} but trainer.devices={devices}: reserve one GPU per "
+                          f"process; set trainer.devices (the launcher follows it)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """All the checks, cheapest first; raises the first ConfigError."""
     check_missing(cfg)
     check_top_level_keys(cfg)
     check_groups(cfg)
     check_files(cfg)
+    check_launcher(cfg)
 
 
-__all__ = ["check_config", "check_files", "check_groups", "check_missing", "check_top_level_keys",
+__all__ = ["check_config", "check_files", "check_groups", "check_launcher", "check_missing", "check_top_level_keys",
            "declared_keys", "missing_keys"]

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from metriclab.core.config import config_name_of
 from metriclab.core.paths import REPO_ROOT
+from metriclab.tracking.debug import debug_tags
 
 PACKAGES_TO_TAG = ("torch", "torchvision", "open-metric-learning", "pytorch-lightning", "mlflow", "hydra-core")
 
@@ -49,6 +50,7 @@ def run_tags(cfg: DictConfig, run_dir: Path) -> Dict[str, str]:
         **git_state(),
         **package_versions(),
         **source_tags(cfg),
+        **debug_tags(cfg),  # metriclab.debug=<name> on debug runs (debug=<name>)
     }
 
 

@@ -157,6 +157,29 @@ class ValidateLastEpoch(pl.Callback):
             trainer.check_val_every_n_epoch, self._every = self._every, None
 
 
+class ValidateEveryRow(pl.Callback):
+    """Validation metrics need every validation row (`PublishValidation` checks it got them): a retrieval metric over
+    part of the queries and part of the gallery answers another question (a smaller gallery scores higher). So
+    Lightning's debugging flags limit the training batches only: the validation cut that `fast_dev_run`,
+    `overfit_batches` or a partial `limit_val_batches` ask for is lifted (said once in the log); `limit_val_batches=0`
+    (no validation at all) stays. Validate less often with `check_val_every_n_epoch`."""
+
+    @staticmethod
+    def is_partial(limit: Any) -> bool:
+        if isinstance(limit, bool):
+            return False
+        if isinstance(limit, int):  # a number of batches (fast_dev_run and an int overfit_batches set one)
+            return limit > 0
+        return 0.0 < float(limit) < 1.0  # a fraction (1.0: everything, 0.0: no validation)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        limit = trainer.limit_val_batches
+        if self.is_partial(limit):
+            log.info("validation embeds every validation row (its metrics need the whole set): limit_val_batches=%s "
+                     "(from fast_dev_run / overfit_batches / limit_val_batches) limits nothing here", limit)
+            trainer.limit_val_batches = 1.0
+
+
 class CheckpointMetadata(pl.Callback):
     """Every checkpoint carries `meta` (the extractor's architecture, the run dir, the MLflow run id) under
     `CHECKPOINT_META_KEY`: enough to rebuild the extractor and to resume into the same tracker run."""
