@@ -8,6 +8,12 @@ keeps its full traceback. Ctrl-C prints one line `interrupted` and exits with `I
 128 + SIGINT), after the job's own clean-up (its run is already marked KILLED), also when Lightning turned the
 KeyboardInterrupt into `sys.exit(1)` on the way out.
 
+In an Optuna study (`hparams_search=<name> -m`) a trial's error, usage errors included, is one line
+`error: trial N failed: ...` (the traceback goes to `traceback.txt` in the job's folder) and is raised on to Hydra,
+which marks the job FAILED: hydra-optuna-sweeper then tells Optuna the trial failed, and the study goes on (the
+hparams_search configs set `max_failure_rate: 1.0`). Ctrl-C stops the study; a study that stops early still ends
+its parent MLflow run (KILLED or FAILED) on the way out of `launch`.
+
 A script is::
 
     @hydra.main(config_path=str(CONFIGS_DIR), config_name="train", version_base="1.3")
@@ -24,6 +30,7 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
@@ -33,6 +40,8 @@ from omegaconf import DictConfig
 import metriclab.core.config  # noqa: F401  (registers the resolvers before Hydra composes)
 from metriclab.core.errors import ConfigError
 from metriclab.jobs.checks import check_config
+from metriclab.tracking.status import FAILED, KILLED, SIGTERM_EXIT_CODE, JobTerminated
+from metriclab.tracking.study import end_unfinished_studies, study_trial
 
 #: the exit status of a usage error (argparse's)
 USAGE_EXIT_CODE = 2
@@ -159,8 +168,29 @@ def job_function(job: str) -> Callable[[DictConfig], Any]:
     return getattr(importlib.import_module(module), function)
 
 
+def run_trial(job: str, cfg: DictConfig, number: int) -> Any:
+    """One trial of a study: an error is one line and goes on up to Hydra (the trial fails, the study goes on)."""
+    try:
+        return job_function(job)(prepare(job, cfg))
+    except KeyboardInterrupt:  # stops the whole study
+        interrupted_exit()
+    except Exception as e:
+        run_dir, _ = hydra_run_dir()
+        where = ""
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "traceback.txt").write_text("".join(traceback.format_exception(e)))
+            where = f" (traceback: {run_dir / 'traceback.txt'})"
+        print(f"error: trial {number} failed: {one_line(e)}{where}", file=sys.stderr, flush=True)
+        raise
+
+
 def run(job: str, cfg: DictConfig) -> Any:
-    """Check `cfg`, then import and run the job; a usage error ends the process with one line on stderr."""
+    """Check `cfg`, then import and run the job, and return what it returns; a usage error ends the process with
+    one line on stderr. A trial of a study fails alone instead (`run_trial`)."""
+    number = study_trial()
+    if number is not None:
+        return run_trial(job, cfg, number)
     try:
         cfg = prepare(job, cfg)
     except ConfigError as e:
@@ -176,6 +206,14 @@ def run(job: str, cfg: DictConfig) -> Any:
         interrupted_exit()
 
 
+def stopped_by_signal(error: BaseException, sigint_received: bool) -> bool:
+    """Whether `error` is how Ctrl-C or SIGTERM left the job (directly, or as the exit they became)."""
+    if isinstance(error, (KeyboardInterrupt, JobTerminated)):
+        return True
+    return isinstance(error, SystemExit) and (sigint_received or error.code in (INTERRUPTED_EXIT_CODE,
+                                                                                 SIGTERM_EXIT_CODE))
+
+
 def launch(main: Callable[[], Any]) -> None:
     """Call a `@hydra.main` function so that Hydra's composition errors (a misspelt override, an unknown config
     group option) are one line too: Hydra re-raises them to us instead of printing them over several lines."""
@@ -184,7 +222,16 @@ def launch(main: Callable[[], Any]) -> None:
     sigint = SigintWatch()
     sigint.install()
     try:
-        main()
+        try:
+            main()
+        except BaseException as e:  # a study whose sweep stopped here: its parent run ends KILLED or FAILED
+            ended = end_unfinished_studies(KILLED if stopped_by_signal(e, sigint.received) else FAILED)
+            if ended and isinstance(e, Exception) and not isinstance(e, HYDRA_USAGE_ERRORS) and not full_error:
+                # the sweeper's own error (e.g. no trial completed): the table above says what happened
+                print(f"error: the study stopped: {one_line(e)}", file=sys.stderr, flush=True)
+                sys.exit(1)
+            raise
+        end_unfinished_studies(FAILED)  # nothing left, unless the study's own end failed
     except HYDRA_USAGE_ERRORS as e:
         if full_error:
             raise

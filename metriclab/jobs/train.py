@@ -6,6 +6,7 @@ the MLflow run opens, so such a mistake leaves no run behind; the rest fails ins
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,16 @@ from metriclab.evaluation.report import PLAIN_PREFIX
 from metriclab.models.extractors import build_extractor, extractor_constructor_cfg, load_checkpoint
 from metriclab.models.freezing import freeze_batchnorm, set_trainable
 from metriclab.models.losses import criterion_needs_balanced_batches
+from metriclab.tracking.debug import as_debug_run
 from metriclab.tracking.links import tracked_run_link
 from metriclab.tracking.run import TrackedRun, tracked_run
+from metriclab.tracking.study import study_trial
 from metriclab.training.callbacks import (
     CheckpointMetadata,
     FreezeBackbone,
     PublishValidation,
     TrainingMetrics,
+    ValidateEveryRow,
     ValidateLastEpoch,
 )
 from metriclab.training.checkpoint_io import AtomicCheckpointIO, load_with_fallback
@@ -181,12 +185,14 @@ def build_loop(cfg: DictConfig, checked: Checked, tracked: TrackedRun, val_data:
     meta = CheckpointMeta(extractor_cfg=extractor_cfg,
                           run_dir=str(checked.run_dir), mlflow_run_id=tracked.mlflow_run_id if is_main else None)
     callbacks = [best, last, TrainingMetrics(tracked if is_main else None), publisher, ValidateLastEpoch(),
-                 CheckpointMetadata(meta)]
+                 ValidateEveryRow(), CheckpointMetadata(meta)]
     if cfg.get("freeze_n_epochs"):
         callbacks.append(FreezeBackbone(int(cfg.freeze_n_epochs), head=cfg.get("head")))
     # checkpoints written beside their final name and renamed, never half-written (see AtomicCheckpointIO)
     trainer = build(cfg.trainer, "trainer", logger=tracked.loggers or False, callbacks=callbacks,
                     default_root_dir=str(checked.run_dir), plugins=[AtomicCheckpointIO()])
+    if trainer.fast_dev_run:  # keeps no checkpoint; Lightning 2.5 still writes save_last's last.ckpt at the end
+        last.save_last = False
     return Loop(trainer, best, last, publisher)
 
 
@@ -210,14 +216,25 @@ def fit(cfg: DictConfig, checked: Checked, loop: Loop, module: MetricLearningMod
     return init_metrics
 
 
+def best_value(loop: Loop, metric: str) -> float:
+    """The run's best `metric_for_checkpointing` (best.ckpt's score; the last validation's when no checkpoint was
+    chosen): the objective of a study's trial. NaN when there is none."""
+    score = loop.best.best_model_score
+    value = float(score) if score is not None else float(loop.publisher.metrics.get(metric, math.nan))
+    if not math.isfinite(value) and study_trial() is not None:  # inside the run: it ends FAILED, like the trial
+        raise ValueError(f"the trial has no finite {metric} (got {value}): it cannot be the study's objective")
+    return value
+
+
 def _existing(path: Path) -> Optional[str]:
     return str(path) if path.is_file() else None
 
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
     """Train, validating every `trainer.check_val_every_n_epoch` epochs and after the last one; returns the run dir,
-    checkpoints, the last metrics and the tracker run id."""
+    checkpoints, the last metrics, the best `metric_for_checkpointing` (`objective`) and the tracker run id."""
     checked = check_inputs(cfg)
+    cfg, checked.run_name = as_debug_run(cfg, checked.run_name)  # debug=<name>: its own experiment, named debug-...
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -230,6 +247,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         loop = build_loop(cfg, checked, tracked, datamodule.val_data, is_main)
         init_metrics = fit(cfg, checked, loop, module, datamodule)
         metrics = loop.publisher.metrics
+        objective = best_value(loop, str(cfg.metric_for_checkpointing))
         if loop.trainer.is_global_zero and metrics:
             link = tracked_run_link(tracked)
             print(f"\nvalidation after epoch {loop.trainer.current_epoch - 1} ({run_name}):\n"
@@ -241,6 +259,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             "last_ckpt": loop.last.last_model_path or None,
             "metrics": metrics,
             "init_metrics": init_metrics,
+            "objective": objective,
             "mlflow_run_id": tracked.mlflow_run_id,
             "run_name": run_name,
+            "global_step": loop.trainer.global_step,  # optimizer steps taken (this fit; a resumed run counts on)
         }

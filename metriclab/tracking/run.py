@@ -23,6 +23,7 @@ from metriclab.core.compat import mlflow_reset_tracking_uri
 from metriclab.tracking.inputs import log_dataset_inputs
 from metriclab.tracking.loggers import TrackedRun, finalize_loggers, log_hyperparameters, open_loggers
 from metriclab.tracking.status import JobTerminated, RunStatus
+from metriclab.tracking.study import trial_tags
 from metriclab.tracking.tags import run_tags
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def tracked_run(
     process (rank 0) opens loggers and writes the config files."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tags = run_tags(cfg, run_dir)
+    tags = {**run_tags(cfg, run_dir), **trial_tags()}  # a study's trial: nested under the study's parent run
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # put back by close_run
     tracked = TrackedRun([], run_dir, run_name)
     status = RunStatus()
