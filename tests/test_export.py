@@ -79,7 +79,7 @@ def test_export_writes_the_model_and_the_contract_of_the_training_config(exporte
     assert (contract["layout"], contract["dtype"], contract["channel_order"]) == ("NCHW", "float32", "RGB")
     assert contract["embedding_size"] == 512 and contract["flip_tta"] is contract["flip_tta_in_graph"] is False
     assert contract["checkpoint_sha256"] == file_sha256(Path(trained["best_ckpt"]))
-    assert contract["mlflow_run_id"] == trained["mlflow_run_id"] and contract["threshold"] is None
+    assert contract["mlflow_run_id"] == trained["mlflow_run_id"]  # threshold: see the calibration test below
     assert contract["parity"] == json.loads(json.dumps(result["parity"]))
     metadata = {p.key: json.loads(p.value) for p in onnx.load(str(result["model"])).metadata_props}
     assert metadata == contract
@@ -203,4 +203,29 @@ def test_a_state_dict_exports_into_the_jobs_run_dir_and_skips_mlflow(exported, t
     result = export(cfg)
     assert result["model"] == tmp_path / "job" / "export" / "model.onnx" and result["logged"] is None
     assert "MLflow: model not logged: the checkpoint names no MLflow run" in capsys.readouterr().out
-    assert threshold_from_meta(CheckpointMeta()) == {"threshold": None, "threshold_fmr": None}
+    assert threshold_from_meta(CheckpointMeta()) == {"threshold": None, "threshold_fmr": None,
+                                                     "threshold_distance": None}
+
+
+def test_the_calibrated_threshold_travels_into_model_json_and_predict_auto(exported, tmp_path):
+    trained, root = exported["trained"], exported["root"]
+    meta = CheckpointMeta.from_checkpoint(load_checkpoint(Path(trained["best_ckpt"])))
+    contract = json.loads(exported["result"]["contract"].read_text())
+    assert meta.threshold is not None
+    assert (contract["threshold"], contract["threshold_fmr"], contract["threshold_distance"]) == (
+        meta.threshold, meta.threshold_fmr, meta.threshold_distance) == (meta.threshold, 0.01, "euclidean")
+    records = predict(compose_cfg("predict", [
+        f"paths.outputs_dir={tmp_path}/outputs", f"paths.run_dir={tmp_path}/p", f"dataset.root={root}", "k=3",
+        f"images={root}/train", "max_pictures=0", f"cache_dir={tmp_path}/cache", "num_threads=1",
+        f"model={exported['result']['model']}", "threshold=auto"]))["records"]
+    assert records and all(r["threshold"] == pytest.approx(meta.threshold) for r in records)
+    assert all(r["unknown"] is (r["neighbours"][0]["distance"] > meta.threshold) for r in records)
+
+
+def test_validate_with_model_alone_uses_the_models_training_run(exported, tmp_path, capsys):
+    tmp = exported["tmp"]
+    result = validate(compose_cfg("validate", [f"paths.outputs_dir={tmp}/outputs", f"paths.run_dir={tmp_path}/v",
+                                               "num_threads=1", "evaluation.tsne=false",
+                                               f"model={exported['result']['model']}"]))
+    assert f"the training run of model={exported['result']['model']}" in capsys.readouterr().out
+    assert result["metrics"]["n_queries"] == 18  # the run's own dataset: 3 validation digits x 6 images

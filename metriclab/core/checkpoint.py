@@ -5,6 +5,7 @@ explain): everything goes through `CheckpointMeta`, so the key names live here o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -34,6 +35,11 @@ class CheckpointMeta:
     run_dir: Optional[str] = None
     #: the MLflow run the training logged to: `resume=` continues it
     mlflow_run_id: Optional[str] = None
+    #: the calibrated distance threshold (accept a pair when its distance <= it): `threshold@fmr_<threshold_fmr>` of
+    #: the validation pass this checkpoint was saved after, in `threshold_distance` (euclidean | cosine)
+    threshold: Optional[float] = None
+    threshold_fmr: Optional[float] = None
+    threshold_distance: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -45,7 +51,17 @@ class CheckpointMeta:
         if not isinstance(raw, Mapping):
             return cls()
         return cls(extractor_cfg=raw.get("extractor_cfg"), run_dir=raw.get("run_dir"),
-                   mlflow_run_id=raw.get("mlflow_run_id"))
+                   mlflow_run_id=raw.get("mlflow_run_id"), threshold=_finite_or_none(raw.get("threshold")),
+                   threshold_fmr=_finite_or_none(raw.get("threshold_fmr")),
+                   threshold_distance=raw.get("threshold_distance") if isinstance(raw.get("threshold_distance"), str)
+                   else None)
+
+
+def _finite_or_none(value: Any) -> Optional[float]:
+    """A number read from a file: a finite float, or None (missing, NaN, or not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -44,10 +44,29 @@ class EvaluationConfig:
     tsne: bool = False
     tsne_max_points: int = 2000
     flip_tta: bool = False
+    verification: bool = True
+    fmr_vals: List[float] = field(default_factory=lambda: [0.1, 0.01, 0.001])
 
     def __post_init__(self) -> None:
         check_choice("evaluation.distance", self.distance, DISTANCES)
         check_choice("evaluation.backend", self.backend, BACKENDS)
+        for x in self.fmr_vals:
+            if not 0.0 < float(x) < 1.0:
+                raise ConfigError(f"`evaluation.fmr_vals` holds {x}: false match rates are fractions in (0, 1), "
+                                  f"e.g. [0.1, 0.01, 0.001]")
+
+
+@dataclass
+class CalibrationConfig:
+    """`calibration`: the operating point whose distance threshold the checkpoint (and an export's model.json)
+    records: `threshold@fmr_<target_fmr>` of the validation pass (accept a pair when its distance <= it)."""
+
+    target_fmr: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.target_fmr) < 1.0:
+            raise ConfigError(f"`calibration.target_fmr={self.target_fmr}`: a false match rate is a fraction in "
+                              f"(0, 1), e.g. 0.01")
 
 
 @dataclass
@@ -196,9 +215,10 @@ SCHEMAS = {
     "paths": PathsConfig,
     "debug": DebugConfig,
     "parity": ParityConfig,
+    "calibration": CalibrationConfig,
     **POSTPROCESS_STEPS,
 }
 
 __all__ = ["BACKENDS", "INDEX_KINDS", "ON_BAD_IMAGE", "POSTPROCESS_STEPS", "AlphaQEConfig", "AverageQEConfig",
            "DBAConfig", "DatasetConfig", "DebugConfig", "EvaluationConfig", "IndexConfig", "KReciprocalConfig",
-           "ParityConfig", "PathsConfig", "SCHEMAS", "check_positive", "check_unit_interval"]
+           "CalibrationConfig", "ParityConfig", "PathsConfig", "SCHEMAS", "check_positive", "check_unit_interval"]

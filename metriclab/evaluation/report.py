@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,8 @@ class RetrievalReport:
     ``topk_ids`` / ``topk_distances``: ``[Q, keep_top_k]`` nearest non-excluded gallery indices and their distances,
     nearest first, padded with -1 / inf. ``postprocess``: the post-processing the ranking comes from (`none`, or
     the chain as `metriclab.evaluation.postprocess.describe` writes it); the distances are then the re-ranked ones.
+    ``verification``: the `metriclab.evaluation.verification.VerificationResult` when validation computed the
+    verification metrics (`evaluate_validation`), for its pictures; None otherwise.
     """
 
     metrics: dict[str, float]
@@ -40,6 +42,7 @@ class RetrievalReport:
     distance: str
     backend: str
     postprocess: str = "none"
+    verification: Any = None
 
 
 class QueryState:

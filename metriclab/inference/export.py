@@ -161,7 +161,8 @@ def preprocessing_of(transform: Any) -> Dict[str, Any]:
 def threshold_from_meta(meta: CheckpointMeta) -> Dict[str, Any]:
     """The calibrated distance threshold a checkpoint records (`CheckpointMeta.threshold` and the false-match rate
     it was calibrated at, `threshold_fmr`); None for each where the checkpoint has none."""
-    return {"threshold": getattr(meta, "threshold", None), "threshold_fmr": getattr(meta, "threshold_fmr", None)}
+    return {"threshold": meta.threshold, "threshold_fmr": meta.threshold_fmr,
+            "threshold_distance": meta.threshold_distance}
 
 
 @dataclass

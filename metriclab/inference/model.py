@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metriclab.core.checkpoint import CheckpointMeta
 from metriclab.inference.embed import DEFAULT_PRECISION, check_precision, resolve_device
-from metriclab.inference.onnx_model import load_onnx_extractor
+from metriclab.inference.onnx_model import contract_path, load_onnx_extractor
 from metriclab.inference.search_index import file_sha256
 from metriclab.models.extractors import build_extractor_for_inference, extractor_constructor_cfg
 
@@ -113,5 +113,30 @@ def warn_if_transforms_differ(cfg: DictConfig, meta: CheckpointMeta) -> None:
                     Path(str(meta.run_dir)) / "config.yaml", ours, theirs)
 
 
-__all__ = ["LoadedExtractor", "load_extractor", "load_onnx", "run_precision", "training_run_config",
-           "warn_if_transforms_differ"]
+@dataclass(frozen=True)
+class CalibratedThreshold:
+    """A distance threshold calibrated at a false match rate on a validation set (accept a pair when d <= value)."""
+
+    value: float
+    fmr: Optional[float]
+    distance: Optional[str]
+    source: str
+
+
+def calibrated_threshold(extractor: LoadedExtractor) -> Optional[CalibratedThreshold]:
+    """The threshold the checkpoint's metadata or the ONNX model's contract (model.json) records, None if none."""
+    if extractor.onnx_model is not None:
+        contract = getattr(extractor.model, "contract", {}) or {}
+        value = contract.get("threshold")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return CalibratedThreshold(float(value), contract.get("threshold_fmr"), contract.get("threshold_distance"),
+                                       str(contract_path(extractor.onnx_model)))
+        return None
+    if extractor.meta.threshold is None:
+        return None
+    return CalibratedThreshold(extractor.meta.threshold, extractor.meta.threshold_fmr,
+                               extractor.meta.threshold_distance, f"checkpoint {extractor.checkpoint}")
+
+
+__all__ = ["CalibratedThreshold", "LoadedExtractor", "calibrated_threshold", "load_extractor", "load_onnx",
+           "run_precision", "training_run_config", "warn_if_transforms_differ"]

@@ -1,9 +1,10 @@
 """From nearest gallery neighbours to a prediction: the majority vote, one record per image, its picture."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,21 @@ def prediction_records(paths: Sequence[str], distances: np.ndarray, ids: np.ndar
     return [prediction_record(p, ids[row], distances[row], table) for row, p in enumerate(paths)]
 
 
+def apply_threshold(records: List[Dict[str, Any]], threshold: Optional[float]) -> List[Dict[str, Any]]:
+    """Open set: a record whose nearest neighbour is farther than `threshold` becomes ``"unknown": true`` with
+    ``"predicted_class": null`` (and no predicted label); the others keep the majority vote, ``"unknown": false``.
+    `threshold` None (closed set) leaves the records as they are. Every record gets ``"threshold"``."""
+    for record in records:
+        record["threshold"] = threshold
+        if threshold is None:
+            continue
+        nearest = record["neighbours"][0]["distance"] if record["neighbours"] else math.inf
+        record["unknown"] = bool(nearest > threshold)
+        if record["unknown"]:
+            record["predicted_class"], record["predicted_label"], record["votes"] = None, None, 0
+    return records
+
+
 def draw_prediction(record: Dict[str, Any], out_png: Path) -> Path:
     """One row: the query, then its neighbours framed green when they have the predicted class."""
     neighbours = record["neighbours"]
@@ -57,7 +73,8 @@ def draw_prediction(record: Dict[str, Any], out_png: Path) -> Path:
     def tile(ax, path: str, caption: str, color: str) -> None:
         style_tile(ax, read_tile(Path(path)), caption, color)
 
-    tile(axes[0][0], record["image"], f"QUERY\n{Path(record['image']).name}\npredicted: {predicted}", "blue")
+    shown = "no match" if record.get("unknown") else predicted
+    tile(axes[0][0], record["image"], f"QUERY\n{Path(record['image']).name}\npredicted: {shown}", "blue")
     for c, nb in enumerate(neighbours):
         color = "green" if nb[CLASS_NAME_COLUMN] == predicted else "gray"
         tile(axes[0][1 + c], nb["path"], f"#{c + 1} {nb[CLASS_NAME_COLUMN]}\n{Path(nb['path']).name}\n"
@@ -70,14 +87,22 @@ def draw_prediction(record: Dict[str, Any], out_png: Path) -> Path:
     return out_png
 
 
+def _summary_line(r: Dict[str, Any], k: int) -> str:
+    nearest = r["neighbours"][0]
+    if r.get("unknown"):
+        return (f"{Path(r['image']).name}: no match (nearest {nearest[CLASS_NAME_COLUMN]} at {nearest['distance']:.3f}"
+                f" > {r['threshold']:.3f})")
+    return (f"{Path(r['image']).name}: {r['predicted_class']} ({r['votes']}/{k} votes, nearest "
+            f"{nearest[CLASS_NAME_COLUMN]} at {nearest['distance']:.3f})")
+
+
 def summary_lines(records: Sequence[Dict[str, Any]], k: int, n_shown: int = 20) -> List[str]:
     """One printed line per prediction (the first `n_shown`), and how many more."""
-    lines = [f"{Path(r['image']).name}: {r['predicted_class']} ({r['votes']}/{k} votes, nearest "
-             f"{r['neighbours'][0][CLASS_NAME_COLUMN]} at {r['neighbours'][0]['distance']:.3f})"
-             for r in records[:n_shown]]
+    lines = [_summary_line(r, k) for r in records[:n_shown]]
     if len(records) > n_shown:
         lines.append(f"... and {len(records) - n_shown} more")
     return lines
 
 
-__all__ = ["draw_prediction", "majority_vote", "prediction_record", "prediction_records", "summary_lines"]
+__all__ = ["apply_threshold", "draw_prediction", "majority_vote", "prediction_record", "prediction_records",
+           "summary_lines"]

@@ -61,6 +61,8 @@ def predict_uses_folder_gallery(cfg: DictConfig) -> bool:
 
 def check_missing(cfg: DictConfig) -> None:
     optional = {"dataset.root"} if predict_uses_folder_gallery(cfg) else set()
+    if cfg.get("task") == "predict" and "model" in cfg and not OmegaConf.is_missing(cfg, "model") and cfg.model:
+        optional.add("ckpt")  # model=<model.onnx> names the model: no checkpoint is needed
     missing = [k for k in missing_keys(cfg) if k not in optional and not k.startswith("hydra.")]
     if missing:
         key = missing[0]
@@ -144,6 +146,8 @@ def check_files(cfg: DictConfig) -> None:
         if set_value(cfg, key) is not None:
             require_file(key, cfg[key], "an existing checkpoint file (e.g. outputs/train/<timestamp>/checkpoints/"
                                         "best.ckpt)")
+    if task in ("validate", "predict") and set_value(cfg, "model") is not None:
+        require_file("model", cfg.model, "an exported model.onnx (python scripts/export.py ckpt=<best.ckpt>)")
     resume = set_value(cfg, "resume")
     if resume is not None:
         last = Path(str(resume)) / "checkpoints" / "last.ckpt"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import metriclab.core.config  # noqa: F401  (registers the resolvers before Hydra composes)
 from metriclab.core.errors import ConfigError
@@ -57,6 +57,7 @@ JOBS: Dict[str, Tuple[str, str]] = {
     "predict": ("metriclab.jobs.predict", "predict"),
     "explain": ("metriclab.jobs.explain", "explain"),
     "demo": ("metriclab.jobs.demo", "run_demo"),
+    "export": ("metriclab.jobs.export", "export"),
 }
 #: jobs that may name an earlier run (`run=`) instead of its dataset and checkpoint
 RUN_RESOLVING_JOBS = ("validate", "explain")
@@ -152,7 +153,13 @@ def prepare(job: str, cfg: DictConfig) -> DictConfig:
         from metriclab.jobs.runs import resolve_run
 
         cfg = resolve_run(cfg, hydra_overrides())
+    elif job == "export":  # the checkpoint's own training run (its dataset, transforms, extractor)
+        from metriclab.jobs.export import export_config
+
+        cfg = export_config(cfg, hydra_overrides())
     check_config(cfg)
+    if cfg.get("task") == "predict" and cfg.get("model") and OmegaConf.is_missing(cfg, "ckpt"):
+        cfg.ckpt = None  # model=<model.onnx> runs without a checkpoint
     return cfg
 
 

@@ -13,9 +13,10 @@ The pieces live in metriclab.inference (model, embed, gallery, predictions); thi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -27,9 +28,9 @@ from metriclab.core.errors import ConfigError
 from metriclab.evaluation.postprocess import check_sizes, describe, ranked_topk, steps_from_config
 from metriclab.inference.embed import embed_dataset, list_failures
 from metriclab.inference.gallery import collect_images, flip_tta_of, gallery_index
-from metriclab.inference.model import load_extractor, warn_if_transforms_differ
+from metriclab.inference.model import LoadedExtractor, calibrated_threshold, load_extractor, warn_if_transforms_differ
 from metriclab.inference.onnx_model import with_model_contract
-from metriclab.inference.predictions import draw_prediction, prediction_records, summary_lines
+from metriclab.inference.predictions import apply_threshold, draw_prediction, prediction_records, summary_lines
 from metriclab.inference.search_index import GalleryIndex
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,31 @@ def _check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"`k` must be a positive integer, got {k!r}")
     return k
+
+
+def resolve_threshold(value: Any, extractor: LoadedExtractor, distance: str,
+                      postprocess: Sequence[Any]) -> Optional[float]:
+    """`threshold=`: null = closed set (every image gets a class); a distance; or `auto` = the calibrated one the
+    checkpoint or model.json records (an error when there is none, or when it was calibrated for another distance)."""
+    if value is None:
+        return None
+    if postprocess:
+        raise ConfigError("threshold= compares plain distances: it cannot be used with postprocess= (re-ranked or "
+                          "expanded distances have another scale); drop one of them")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        found = calibrated_threshold(extractor)
+        if found is None:
+            raise ConfigError("threshold=auto but the model records no calibrated threshold (a checkpoint of a "
+                              "training run validated with evaluation.verification=true, or an export of one): pass "
+                              "threshold=<distance> or train again")
+        if found.distance is not None and found.distance != distance:
+            raise ConfigError(f"threshold=auto: {found.source} calibrated its threshold for distance={found.distance},"
+                              f" but predict uses distance={distance}: pass distance={found.distance}")
+        log.info("threshold=auto: %.6g (calibrated at FMR %s, %s)", found.value, found.fmr, found.source)
+        return found.value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"threshold={value!r}: pass a non-negative distance, auto (the calibrated one) or null")
+    return float(value)
 
 
 def _draw_pictures(records: Sequence[Dict[str, Any]], folder: Path, max_pictures: Any) -> List[Path]:
@@ -63,6 +89,7 @@ def predict(cfg: DictConfig) -> Dict[str, Any]:
     postprocess = steps_from_config(cfg.get("postprocess"))
     queries = [str(p) for p in collect_images(cfg.images)]
     extractor = load_extractor(cfg)
+    threshold = resolve_threshold(cfg.get("threshold"), extractor, str(cfg.distance), postprocess)
     warn_if_transforms_differ(cfg, extractor.meta)
     transform = build(cfg.transforms.val, "transforms.val")
     gallery = gallery_index(cfg, extractor, transform)
@@ -84,7 +111,8 @@ def predict(cfg: DictConfig) -> Dict[str, Any]:
                                      gallery.spec.distance)
     else:
         distances, ids = gallery.search(q_emb, k)
-    records = prediction_records([queries[i] for i in ok_ids], distances, ids, gallery.table)
+    records = apply_threshold(prediction_records([queries[i] for i in ok_ids], distances, ids, gallery.table),
+                              threshold)
     for record in records:
         record["postprocess"] = describe(postprocess)
         record["flip_tta"] = flip_tta_of(cfg)

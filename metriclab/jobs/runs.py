@@ -12,6 +12,7 @@ an MLflow run id is given.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import weakref
 from pathlib import Path
@@ -116,6 +117,8 @@ def find_run(cfg: DictConfig) -> Optional[Tuple[DictConfig, Optional[Path], str]
                               f"MLflow run id")
         run_cfg, run_dir = load_mlflow_run(cfg, str(run))
         return run_cfg, run_dir, f"MLflow run {run}" + (f" ({run_dir})" if run_dir else "")
+    if not _is_unset(cfg, "model"):  # an exported model: its own training run (model.json), or dataset.root=
+        return None if not _dataset_root_unset(cfg) else _model_run(Path(str(cfg.model)))
     if not (_is_unset(cfg, "ckpt") and _is_unset(cfg, "embeddings") and _dataset_root_unset(cfg)):
         return None
     outputs = Path(str(cfg.paths.outputs_dir))
@@ -125,6 +128,19 @@ def find_run(cfg: DictConfig) -> Optional[Tuple[DictConfig, Optional[Path], str]
                           f"(python scripts/train.py dataset.root=<dataset>) or pass ckpt=<checkpoint> "
                           f"dataset.root=<dataset folder>")
     return load_run_dir(runs[0]), runs[0], f"the newest training run {runs[0]}"
+
+
+def _model_run(model: Path) -> Tuple[DictConfig, Optional[Path], str]:
+    """The training run an exported model's contract (model.json beside it) names, for its dataset."""
+    contract = model.with_suffix(".json")
+    try:
+        run_dir = json.loads(contract.read_text()).get("training_run_dir")
+    except (OSError, ValueError, AttributeError):
+        run_dir = None
+    if not run_dir or not Path(run_dir).is_dir():
+        raise ConfigError(f"model={model}: its training run is unknown or gone ({contract}); pass "
+                          f"dataset.root=<dataset folder> (and transforms= as in model.json)")
+    return load_run_dir(Path(run_dir)), Path(run_dir), f"the training run of model={model}"
 
 
 # ------------------------------------------------------------------------------------------------ filling it in

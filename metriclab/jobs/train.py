@@ -178,14 +178,15 @@ def build_loop(cfg: DictConfig, checked: Checked, tracked: TrackedRun, val_data:
     # last.ckpt after every epoch, validated or not (check_val_every_n_epoch > 1): what `resume=` continues from
     last = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_on_train_epoch_end=True)
     # DDP: only rank 0 logs and writes files
+    target_fmr = build(cfg.get("calibration"), "calibration").target_fmr
     publisher = PublishValidation(val_data, checked.evaluation, tracked=tracked if is_main else None,
                                   run_dir=checked.run_dir if is_main else None, postprocess=checked.postprocess,
-                                  extra_val=checked.extra_val)
+                                  extra_val=checked.extra_val, target_fmr=target_fmr)
     extractor_cfg = cast(Dict[str, Any], OmegaConf.to_container(extractor_constructor_cfg(cfg.extractor)))
     meta = CheckpointMeta(extractor_cfg=extractor_cfg,
                           run_dir=str(checked.run_dir), mlflow_run_id=tracked.mlflow_run_id if is_main else None)
     callbacks = [best, last, TrainingMetrics(tracked if is_main else None), publisher, ValidateLastEpoch(),
-                 ValidateEveryRow(), CheckpointMetadata(meta)]
+                 ValidateEveryRow(), CheckpointMetadata(meta, publisher, target_fmr, checked.evaluation.distance)]
     if cfg.get("freeze_n_epochs"):
         callbacks.append(FreezeBackbone(int(cfg.freeze_n_epochs), head=cfg.get("head")))
     # checkpoints written beside their final name and renamed, never half-written (see AtomicCheckpointIO)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, cast
 
@@ -23,6 +24,7 @@ from metriclab.core.compat import ddp_finds_unused_parameters
 from metriclab.data.datasets import ValidationData
 from metriclab.data.extra_validation import prefixed
 from metriclab.evaluation.validation import evaluate_validation
+from metriclab.evaluation.verification import fmr_key
 from metriclab.models.freezing import (
     freeze_backbone,
     keep_frozen_bn_in_eval,
@@ -92,8 +94,10 @@ class PublishValidation(pl.Callback):
     named as asked (the pass before training: tag "init"). `metrics` / `embeddings` are the last pass's."""
 
     def __init__(self, val_data: ValidationData, eval_cfg: Any, tracked: Any = None, run_dir: Optional[Path] = None,
-                 postprocess: Sequence[Any] = (), extra_val: Optional[Dict[str, ValidationData]] = None):
+                 postprocess: Sequence[Any] = (), extra_val: Optional[Dict[str, ValidationData]] = None,
+                 target_fmr: Optional[float] = None):
         self.val_data, self.eval_cfg, self.postprocess = val_data, eval_cfg, tuple(postprocess)
+        self.target_fmr = target_fmr  # the calibration's operating point (its threshold goes into checkpoints)
         self.extra_val = dict(extra_val or {})  # validation dataloaders 1, 2, ... (the datamodule's order)
         self.tracked, self.run_dir = tracked, run_dir
         self.metrics: Dict[str, float] = {}
@@ -117,7 +121,7 @@ class PublishValidation(pl.Callback):
             return
         module = cast(MetricLearningModule, pl_module)
         embeddings = module.validation_embeddings(len(self.val_data.df))
-        report = evaluate_validation(embeddings, self.val_data, self.eval_cfg, self.postprocess)
+        report = evaluate_validation(embeddings, self.val_data, self.eval_cfg, self.postprocess, self.target_fmr)
         for i, (name, data) in enumerate(self.extra_val.items(), start=1):  # every rank, in order: a collective
             extra = evaluate_validation(module.validation_embeddings(len(data.df), i), data, self.eval_cfg,
                                         self.postprocess)
@@ -131,7 +135,7 @@ class PublishValidation(pl.Callback):
             self.validated_epoch = epoch
         if trainer.is_global_zero:
             publish_validation(report, embeddings, self.val_data, self.eval_cfg, self.tracked, self.run_dir,
-                               epoch=epoch, tag=tag)
+                               epoch=epoch, tag=tag, target_fmr=self.target_fmr)
 
 
 class ValidateLastEpoch(pl.Callback):
@@ -182,14 +186,23 @@ class ValidateEveryRow(pl.Callback):
 
 class CheckpointMetadata(pl.Callback):
     """Every checkpoint carries `meta` (the extractor's architecture, the run dir, the MLflow run id) under
-    `CHECKPOINT_META_KEY`: enough to rebuild the extractor and to resume into the same tracker run."""
+    `CHECKPOINT_META_KEY`: enough to rebuild the extractor and to resume into the same tracker run. With
+    `publisher` and `target_fmr`: also the calibrated threshold, `threshold@fmr_<target_fmr>` of the validation
+    pass the checkpoint is saved after (best.ckpt: the best epoch's)."""
 
-    def __init__(self, meta: CheckpointMeta):
-        self.meta = meta
+    def __init__(self, meta: CheckpointMeta, publisher: Optional[PublishValidation] = None,
+                 target_fmr: Optional[float] = None, distance: Optional[str] = None):
+        self.meta, self.publisher, self.target_fmr, self.distance = meta, publisher, target_fmr, distance
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_META_KEY] = self.meta.to_dict()
+        meta = self.meta
+        if self.publisher is not None and self.target_fmr is not None:
+            value = self.publisher.metrics.get(f"threshold@fmr_{fmr_key(self.target_fmr)}")
+            if value is not None and math.isfinite(value):
+                meta = replace(meta, threshold=float(value), threshold_fmr=float(self.target_fmr),
+                               threshold_distance=self.distance)
+        checkpoint[CHECKPOINT_META_KEY] = meta.to_dict()
 
 
 class FreezeBackbone(pl.Callback):

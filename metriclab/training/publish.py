@@ -16,6 +16,8 @@ from metriclab.data.datasets import ValidationData
 from metriclab.evaluation.pictures import save_tsne, save_worst_queries
 from metriclab.evaluation.report import RetrievalReport
 from metriclab.evaluation.spec import as_evaluation_config
+from metriclab.evaluation.verification import fmr_key
+from metriclab.evaluation.verification_pictures import distance_histograms_figure, roc_figure
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,13 @@ def draw_or_warn(picture: str, draw: Callable[[], List[Path]]) -> List[Path]:
 
 def publish_validation(
     report: RetrievalReport, embeddings: torch.Tensor, data: ValidationData, cfg: Any, tracked: Any,
-    run_dir: Optional[Path], epoch: int, tag: Optional[str] = None,
+    run_dir: Optional[Path], epoch: int, tag: Optional[str] = None, target_fmr: Optional[float] = None,
 ) -> None:
     """Log metrics (step = epoch), write metrics.json, the worst-query grid + CSV and (if asked) the t-SNE plot.
     `cfg`: the `evaluation` group (`EvaluationConfig`, or its DictConfig). `tracked`: a `TrackedRun` or None (no
     tracker); `run_dir` None writes no file. `tag` (e.g. "init") keeps a special pass apart: metrics `<tag>/...`,
-    files under `<tag>/`."""
+    files under `<tag>/`. With verification metrics in `report`: the ROC and the distance histograms with the
+    threshold at `target_fmr` (the calibration's operating point; default the middle of `fmr_vals`)."""
     cfg = as_evaluation_config(cfg)  # a misspelt key stays a usage error, not a skipped picture
     metrics = {k: float(v) for k, v in report.metrics.items()}
     prefix, folder = (tag, tag) if tag else ("val", f"epoch_{epoch:03d}")
@@ -63,3 +66,23 @@ def publish_validation(
             for f in plots:
                 tracked.log_artifact(f, f"plots/{folder}")
                 tracked.log_step_image(f, f"{image_key}tsne", step=epoch)
+    if report.verification is not None:
+        _publish_verification(report, tracked, run_dir / "plots" / folder, folder, image_key, epoch, target_fmr)
+
+
+def _publish_verification(report: RetrievalReport, tracked: Any, folder_path: Path, folder: str, image_key: str,
+                          epoch: int, target_fmr: Optional[float]) -> None:
+    result = report.verification
+    target = target_fmr if target_fmr is not None else sorted(result.fmr_vals)[len(result.fmr_vals) // 2]
+    threshold = report.metrics.get(f"threshold@fmr_{fmr_key(float(target))}", float("nan"))
+    drawn = draw_or_warn(f"ROC picture in {folder_path}", lambda: _some(roc_figure(result, folder_path / "roc.png")))
+    drawn += draw_or_warn(f"distance histograms in {folder_path}", lambda: _some(
+        distance_histograms_figure(result, folder_path / "distances.png", threshold)))
+    for f in drawn:
+        if tracked is not None:
+            tracked.log_artifact(f, f"plots/{folder}")
+            tracked.log_step_image(f, f"{image_key}{f.stem}", step=epoch)
+
+
+def _some(path: Optional[Path]) -> List[Path]:
+    return [] if path is None else [path]
