@@ -22,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metriclab.core.config import build, job_identity
 from metriclab.core.errors import ConfigError
-from metriclab.jobs.runs import resolve_run
+from metriclab.jobs.runs import already_resolved, resolve_run
 
 
 def export_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """The job config with the checkpoint's training run filled in (as validate's `run=` does): `run=` itself, the
     run a `ckpt=` names in its metadata, or with neither the newest training run. A checkpoint without a run
     (a state dict) leaves `cfg` as it is (dataset.root, transforms and extractor then come from the command line)."""
+    if already_resolved(cfg):  # the entry filled it in already (the job is also called directly, by tests)
+        return cfg
     if cfg.get("run") or not cfg.get("ckpt"):
         return resolve_run(cfg, overrides)
     from metriclab.inference.export import checkpoint_run_dir  # reads the checkpoint: torch

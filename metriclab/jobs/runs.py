@@ -187,6 +187,11 @@ def fill_from_run(cfg: DictConfig, run_cfg: DictConfig, run_dir: Optional[Path],
             cfg.precision = precision
 
 
+def already_resolved(cfg: DictConfig) -> bool:
+    """Whether `cfg` is a config `resolve_run` returned (its run is filled in: resolving again changes nothing)."""
+    return id(cfg) in _resolved
+
+
 def resolve_run(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     """The job config with the chosen run filled in (a resolved copy; `cfg` is not changed), after printing which
     run was chosen; `cfg` itself when it names its own inputs. `overrides`: the command line (Hydra's task
@@ -210,5 +215,5 @@ def resolve_run(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
-__all__ = ["JOB_OWN_KEYS", "RUN_GROUPS", "fill_from_run", "find_run", "load_mlflow_run", "load_run_dir",
-           "override_keys", "resolve_run", "training_runs", "user_set"]
+__all__ = ["JOB_OWN_KEYS", "RUN_GROUPS", "already_resolved", "fill_from_run", "find_run", "load_mlflow_run",
+           "load_run_dir", "override_keys", "resolve_run", "training_runs", "user_set"]

@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -207,7 +208,7 @@ def check_ui(store: Path, artifacts: Path, out_dir: Path, run_id: Optional[str] 
     target = pick_run(store, run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    server = start_server(store, artifacts, port, out_dir / ".mlflow_ui.log")
+    server = start_server(store, artifacts, port, Path(tempfile.gettempdir()) / f"metriclab_mlflow_ui_{port}.log")
     check = UiCheck(target["run_id"], target["run_name"])
     base = f"http://127.0.0.1:{port}/#/experiments/{target['experiment_id']}"
     query = "?workflowType=machine_learning"
