@@ -49,7 +49,8 @@ def test_neptune_offline_gets_metrics_and_grids(tmp_path, tiny_dataset, monkeypa
     logged = [tuple(op["path"]) for op in ops if op["type"] == "LogFloats"]
     assert logged.count(("training", "val", "mAP")) == 2 and ("training", "train", "loss") in logged
     images = {tuple(op["path"]) for op in ops if op["type"] == "LogImages"}
-    assert images == {("worst_queries", "epoch_000", "worst_queries"), ("worst_queries", "epoch_001", "worst_queries")}
+    assert images == {(folder, f"epoch_00{e}", name) for e in (0, 1) for folder, name in (
+        ("worst_queries", "worst_queries"), ("plots", "roc"), ("plots", "distances"))}
     uploads = [op for op in ops if op["path"][0] == "source_code" and op["type"].startswith("Upload")]
     assert all(op["type"] == "UploadFileSet" and op["file_globs"] == [] for op in uploads)  # no code, no git diff
 

@@ -13,6 +13,7 @@ from metriclab.core.schemas import (
     SCHEMAS,
     AlphaQEConfig,
     AverageQEConfig,
+    CalibrationConfig,
     DatasetConfig,
     DBAConfig,
     DebugConfig,
@@ -38,6 +39,7 @@ def test_every_plain_group_has_a_schema():
     # the postprocess group maps step names to steps: each step (postprocess.<name>) is built into its schema
     assert SCHEMAS == {"evaluation": EvaluationConfig, "dataset": DatasetConfig, "index": IndexConfig,
                        "paths": PathsConfig, "debug": DebugConfig, "parity": ParityConfig,
+                       "calibration": CalibrationConfig,
                        "dba": DBAConfig, "aqe": AverageQEConfig, "alpha_qe": AlphaQEConfig,
                        "k_reciprocal": KReciprocalConfig}
 

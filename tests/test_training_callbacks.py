@@ -152,7 +152,8 @@ def test_training_metrics_are_epoch_means_logged_before_the_epochs_checkpoint(tm
 
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt[CHECKPOINT_META_KEY] == {"extractor_cfg": {"_target_": "x.Y", "dim": 3}, "run_dir": str(tmp_path),
-                                         "mlflow_run_id": "run-123"}
+                                         "mlflow_run_id": "run-123", "threshold": None, "threshold_fmr": None,
+                                         "threshold_distance": None}  # no publisher here: no calibration
     assert CheckpointMeta.from_checkpoint(ckpt) == meta
 
 

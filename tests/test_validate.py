@@ -78,7 +78,8 @@ def test_no_argument_evaluates_the_newest_training_run(two_runs, tmp_path, capsy
     run = MlflowClient(f"sqlite:///{tmp}/outputs/mlflow.db").get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["val/mAP"] == pytest.approx(b["metrics"]["mAP"])
     assert (tmp_path / "val" / "worst_queries" / "epoch_000" / "worst_queries.csv").is_file()
-    assert not (tmp_path / "val" / "plots").exists()  # tsne=false
+    # tsne=false: the plots are the verification pictures only
+    assert sorted(p.name for p in (tmp_path / "val" / "plots").rglob("*.png")) == ["distances.png", "roc.png"]
 
 
 def test_run_picks_a_folder_or_an_mlflow_run_and_overrides_win(two_runs, tmp_path, capsys):

@@ -30,8 +30,10 @@ def run_demo(cfg: DictConfig) -> Dict[str, Any]:
     validated = validate(vcfg)
     before, after = trained["init_metrics"], validated["metrics"]
     rows = [k for k in HEADLINE if k in after] + sorted(k for k in after if k not in HEADLINE and "/" not in k)
-    lines = [f"{'metric':<16} {'random init':>12} {'trained':>10}", "-" * 40]
-    lines += [f"{k:<16} {before[k]:>12.4f} {after[k]:>10.4f}" for k in rows if not k.startswith("n_")]
+    shown = [k for k in rows if not k.startswith("n_")]
+    width = max(len("metric"), *map(len, shown))  # threshold@fmr_0.001 is longer than the ranking metrics
+    lines = [f"{'metric':<{width}} {'random init':>12} {'trained':>10}", "-" * (width + 24)]
+    lines += [f"{k:<{width}} {before[k]:>12.4f} {after[k]:>10.4f}" for k in shown]
     table = "\n".join(lines)
     print(f"\nDigits demo: {int(after['n_queries'])} queries vs the train gallery, best checkpoint "
           f"{trained['best_ckpt']}\n{table}")
