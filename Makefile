@@ -9,7 +9,7 @@ DIGITS_ROOT ?= $(CURDIR)/outputs/data/digits
 # Glyphs demo (open set): where scripts/prepare_glyphs.py writes the rendered glyphs.
 GLYPHS_ROOT ?= $(CURDIR)/outputs/data/glyphs
 
-.PHONY: help install lint test test-fast test-all demo demo-glyphs ui worst report convert-market convert-cars convert-fruits clean \
+.PHONY: help install lint test test-fast test-all demo demo-glyphs gpu-check ui worst report convert-market convert-cars convert-fruits clean \
 	convert-sop convert-inshop convert-cub convert-msmt17 convert-cuhk03np convert-veri
 # A bare `make` prints the targets instead of building .venv (the stamp file would otherwise be the first target).
 .DEFAULT_GOAL := help
@@ -43,6 +43,9 @@ demo: install          ## real digits data: prepare, measure random init, train,
 demo-glyphs: install   ## open set: render glyphs, then random init vs batch-hard triplet vs ArcFace on unseen classes
 	$(PY) scripts/prepare_glyphs.py --out $(GLYPHS_ROOT)
 	$(PY) scripts/demo_glyphs.py dataset.root=$(GLYPHS_ROOT)
+
+gpu-check: install     ## GPU readiness: market_bot on generated Market-1501 data, images/s, memory, ONNX parity [ARGS=]
+	$(PY) bench/gpu_check.py $(ARGS)
 
 ui: install            ## MLflow UI over the embedded store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
