@@ -264,4 +264,6 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
             "mlflow_run_id": tracked.mlflow_run_id,
             "run_name": run_name,
             "global_step": loop.trainer.global_step,  # optimizer steps taken (this fit; a resumed run counts on)
+            # the width of the last validation's embeddings (None before any validation)
+            "embedding_size": None if loop.publisher.embeddings is None else int(loop.publisher.embeddings.shape[1]),
         }
