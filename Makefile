@@ -9,7 +9,7 @@ DIGITS_ROOT ?= $(CURDIR)/outputs/data/digits
 # Glyphs demo (open set): where scripts/prepare_glyphs.py writes the rendered glyphs.
 GLYPHS_ROOT ?= $(CURDIR)/outputs/data/glyphs
 
-.PHONY: help install lint test test-fast test-all demo demo-glyphs gpu-check ui worst report convert-market convert-cars convert-fruits clean \
+.PHONY: help install lint test test-fast test-zoo test-all demo demo-glyphs gpu-check ui worst report convert-market convert-cars convert-fruits clean \
 	convert-sop convert-inshop convert-cub convert-msmt17 convert-cuhk03np convert-veri
 # A bare `make` prints the targets instead of building .venv (the stamp file would otherwise be the first target).
 .DEFAULT_GOAL := help
@@ -28,11 +28,17 @@ install: $(STAMP)      ## create .venv from the exact pins (only when a pin file
 lint: install          ## ruff (lint + import order) on the repo, mypy on metriclab/; both run, either fails it
 	@rc=0; $(VENV)/bin/ruff check . || rc=1; $(VENV)/bin/mypy metriclab || rc=1; exit $$rc
 
-test: install          ## the whole suite, slow tests included (what CI runs; < 20 min on 2 cores)
-	$(PY) -m pytest -q
+# Two pytest workers (pytest-xdist), one per core; a test file stays on one worker (its module fixtures run once).
+XDIST := -n 2 --dist loadfile
+
+test: install          ## the whole suite, slow tests included (what CI runs; < 20 min on 2 cores); not zoo_heavy
+	$(PY) -m pytest -q $(XDIST) -m "not zoo_heavy"
 
 test-fast: install     ## the quick loop: every test not marked slow
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not zoo_heavy"
+
+test-zoo: install      ## the seven 0.2-0.9 B parameter zoo extractors train one epoch each (slow on a CPU)
+	$(PY) -m pytest -m zoo_heavy -q tests/test_zoo_training.py
 
 test-all: test         ## same as `make test` (kept for old habits)
 
