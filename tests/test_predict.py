@@ -120,8 +120,8 @@ def test_predictions_json_values_pictures_and_skipped(trained, tmp_path, caplog)
     ref_gallery = reference_embeddings(trained["ckpt"], gallery_paths)
     for rec in records:
         assert set(rec) == {"image", "neighbours", "predicted_class", "predicted_label", "votes", "postprocess",
-                            "flip_tta"}
-        assert (rec["postprocess"], rec["flip_tta"]) == ("none", False)
+                            "flip_tta", "threshold"}  # closed set: no "unknown" key
+        assert (rec["postprocess"], rec["flip_tta"], rec["threshold"]) == ("none", False, None)
         nbs = rec["neighbours"]
         assert len(nbs) == K
         assert all(set(n) == {"path", "label", "class_name", "distance"} for n in nbs)

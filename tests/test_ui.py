@@ -26,7 +26,7 @@ def test_a_training_run_as_the_ui_shows_it(tmp_path, tiny_dataset):
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     outputs = tmp_path / "outputs"
-    check = check_ui(outputs / "mlflow.db", outputs / "mlartifacts", tmp_path / "shots")
+    check = check_ui(outputs / "mlflow.db", outputs / "mlartifacts", tmp_path / "shots", draw_ms=1000)
     # every item is something the rendered page showed (the experiment opened on the runs table, the dataset
     # and source columns filled, the run FINISHED, the validation charts and the worst-query step image there)
     assert check.seen == {key: True for key in check.seen}, check.seen

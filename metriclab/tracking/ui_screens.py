@@ -147,11 +147,11 @@ def _shot(page: Any, path: Path) -> Path:
     return path
 
 
-def _runs_table(page: Any, url: str, target: Dict[str, Any], check: UiCheck, out_dir: Path) -> None:
+def _runs_table(page: Any, url: str, target: Dict[str, Any], check: UiCheck, out_dir: Path, draw_ms: int) -> None:
     page.goto(url)
     _wait_text(page, target["run_name"])
     _close_assistant(page)
-    page.wait_for_timeout(DRAW_MS)
+    page.wait_for_timeout(draw_ms)
     text = page.inner_text("body")
     check.seen["runs table lists the run"] = target["run_name"] in text
     check.seen["runs table shows its dataset"] = bool(target["dataset"]) and target["dataset"] in text
@@ -160,10 +160,10 @@ def _runs_table(page: Any, url: str, target: Dict[str, Any], check: UiCheck, out
     check.screenshots.append(_shot(page, out_dir / "experiment.png"))
 
 
-def _run_page(page: Any, url: str, target: Dict[str, Any], check: UiCheck, out_dir: Path) -> None:
+def _run_page(page: Any, url: str, target: Dict[str, Any], check: UiCheck, out_dir: Path, draw_ms: int) -> None:
     page.goto(url)
     _wait_text(page, "Datasets")
-    page.wait_for_timeout(DRAW_MS)
+    page.wait_for_timeout(draw_ms)
     text = page.inner_text("body")
     check.seen["run page: status Finished"] = "Finished" in text
     check.seen["run page: dataset input"] = bool(target["dataset"]) and target["dataset"] in text
@@ -172,10 +172,10 @@ def _run_page(page: Any, url: str, target: Dict[str, Any], check: UiCheck, out_d
     check.screenshots.append(_shot(page, out_dir / "run.png"))
 
 
-def _charts(page: Any, url: str, check: UiCheck, out_dir: Path) -> None:
+def _charts(page: Any, url: str, check: UiCheck, out_dir: Path, draw_ms: int) -> None:
     page.goto(url)
     _wait_text(page, "Add chart")
-    page.wait_for_timeout(DRAW_MS)
+    page.wait_for_timeout(draw_ms)
     # charts are drawn when scrolled to: walk down the page until the validation charts and the step-image card
     # have been on screen
     found = {"mAP": False, "worst_queries": False}
@@ -191,13 +191,14 @@ def _charts(page: Any, url: str, check: UiCheck, out_dir: Path) -> None:
     check.seen["charts: validation metrics"] = found["mAP"]
     check.seen["charts: worst-query grid as step image"] = found["worst_queries"]
     page.mouse.move(5, VIEWPORT["height"] - 5)  # no hover card in the picture
-    page.wait_for_timeout(DRAW_MS)
+    page.wait_for_timeout(draw_ms)
     check.screenshots.append(_shot(page, out_dir / "run_metrics.png"))
 
 
 def check_ui(store: Path, artifacts: Path, out_dir: Path, run_id: Optional[str] = None,
-             port: Optional[int] = None) -> UiCheck:
-    """Start the UI on `store`, open the experiment and the run, record what they show, write the screenshots."""
+             port: Optional[int] = None, draw_ms: int = DRAW_MS) -> UiCheck:
+    """Start the UI on `store`, open the experiment and the run, record what they show, write the screenshots
+    (`draw_ms`: how long charts get to draw before a screenshot)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as e:
@@ -216,9 +217,9 @@ def check_ui(store: Path, artifacts: Path, out_dir: Path, run_id: Optional[str] 
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": VIEWPORT["width"], "height": VIEWPORT["height"]})
-            _runs_table(page, f"{base}{query}", target, check, out_dir)
-            _run_page(page, f"{base}/runs/{target['run_id']}{query}", target, check, out_dir)
-            _charts(page, f"{base}/runs/{target['run_id']}/model-metrics{query}", check, out_dir)
+            _runs_table(page, f"{base}{query}", target, check, out_dir, draw_ms)
+            _run_page(page, f"{base}/runs/{target['run_id']}{query}", target, check, out_dir, draw_ms)
+            _charts(page, f"{base}/runs/{target['run_id']}/model-metrics{query}", check, out_dir, draw_ms)
             browser.close()
     finally:
         stop_server(server)
