@@ -74,6 +74,18 @@ def compose_cfg(config_name: str, overrides: List[str]):
         return compose(config_name=config_name, overrides=overrides)
 
 
+def train_tiny(tmp: Path, *extra: str) -> dict:
+    """A tiny model trained on `write_tiny_dataset` data under `tmp` (one epoch, 4 digits x 3 images per batch): the
+    fixture of the tests that need a trained checkpoint. Returns tmp, root, the train result and its best.ckpt."""
+    from metriclab.jobs.train import train
+
+    root = tmp / "data"
+    write_tiny_dataset(root)
+    result = train(compose_cfg("train", fast_overrides(tmp, root) + [
+        "sampler.n_labels=4", "sampler.n_instances=3", "optimizer.lr=1e-3", *extra]))
+    return {"tmp": tmp, "root": root, "result": result, "ckpt": Path(result["best_ckpt"])}
+
+
 def cli_overrides(tmp_path: Path, dataset_root: Path) -> List[str]:
     """fast_overrides for a script run: the run dir comes from Hydra there (outputs/<task>/<timestamp>)."""
     return [o for o in fast_overrides(tmp_path, dataset_root) if not o.startswith("paths.run_dir")] + [

@@ -21,9 +21,8 @@ from metriclab.data.datasets import build_validation_data, read_dataset_csv
 from metriclab.evaluation.validation import evaluate_validation
 from metriclab.evaluation.verification_reference import verification_from_distances
 from metriclab.jobs.predict import predict
-from metriclab.jobs.train import train
 from metriclab.models.extractors import load_checkpoint
-from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
+from tests.helpers import compose_cfg, fast_overrides, train_tiny
 
 KEYS = ("fnmr@fmr_0.1", "fnmr@fmr_0.01", "fnmr@fmr_0.001", "threshold@fmr_0.1", "threshold@fmr_0.01",
         "threshold@fmr_0.001", "eer", "eer_threshold")
@@ -31,13 +30,8 @@ KEYS = ("fnmr@fmr_0.1", "fnmr@fmr_0.01", "fnmr@fmr_0.001", "threshold@fmr_0.1", 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("calibration")
-    root = tmp / "data"
-    write_tiny_dataset(root)
-    cfg = compose_cfg("train", fast_overrides(tmp, root) + [
-        "sampler.n_labels=4", "sampler.n_instances=3", "optimizer.lr=1e-3", "logger=tensorboard"])
-    result = train(cfg)
-    return {"tmp": tmp, "root": root, "ckpt": Path(result["best_ckpt"]), "run_dir": tmp / "run"}
+    found = train_tiny(tmp_path_factory.mktemp("calibration"), "logger=tensorboard")
+    return {**found, "run_dir": found["tmp"] / "run"}
 
 
 def dense_reference(emb: np.ndarray, labels: np.ndarray, is_q: np.ndarray, is_g: np.ndarray):

@@ -24,8 +24,7 @@ from metriclab.inference.gradcam import (
     tensor_to_image,
 )
 from metriclab.jobs.explain import explain
-from metriclab.jobs.train import train
-from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
+from tests.helpers import compose_cfg, train_tiny
 
 
 class PatchModel(torch.nn.Module):
@@ -116,12 +115,7 @@ def test_tensor_to_image_undoes_the_normalisation():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("explain")
-    root = tmp / "data"
-    write_tiny_dataset(root)
-    cfg = compose_cfg("train", fast_overrides(tmp, root) + [
-        "sampler.n_labels=4", "sampler.n_instances=3", "optimizer.lr=1e-3"])
-    return {"tmp": tmp, "root": root, "result": train(cfg)}
+    return train_tiny(tmp_path_factory.mktemp("explain"))
 
 
 def explain_cfg(trained, tmp_path, *extra):

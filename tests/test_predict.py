@@ -24,9 +24,8 @@ from metriclab.core.paths import REPO_ROOT
 from metriclab.inference.gallery import collect_images
 from metriclab.inference.predictions import majority_vote
 from metriclab.jobs.predict import predict
-from metriclab.jobs.train import train
 from metriclab.models.extractors import build_extractor, load_checkpoint, load_extractor_weights
-from tests.helpers import compose_cfg, fast_overrides, write_tiny_dataset
+from tests.helpers import compose_cfg, train_tiny, write_tiny_dataset
 
 K = 5
 
@@ -34,13 +33,7 @@ K = 5
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny model for the module: 4 train digits, 3 validation digits (every validation image is a gallery row)."""
-    tmp = tmp_path_factory.mktemp("predict")
-    root = tmp / "data"
-    write_tiny_dataset(root)
-    cfg = compose_cfg("train", fast_overrides(tmp, root) + [
-        "sampler.n_labels=4", "sampler.n_instances=3", "optimizer.lr=1e-3", "logger=tensorboard"])
-    result = train(cfg)
-    return {"tmp": tmp, "root": root, "ckpt": Path(result["best_ckpt"])}
+    return train_tiny(tmp_path_factory.mktemp("predict"), "logger=tensorboard")
 
 
 def predict_cfg(trained, tmp_path, *extra):
