@@ -263,3 +263,27 @@ def test_training_on_a_corrupt_late_image_stops_with_one_line_naming_it(tmp_path
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {root / 'dataset.csv'}: row 37 (path={df.path[35]}): image {root / df.path[35]} cannot be read (not "
         f"a decodable image): replace the file or remove the row, or set `dataset.on_bad_image=skip`")
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_at_the_next_training_step():
+    # Python drops a KeyboardInterrupt raised inside a garbage-collection callback ("Exception ignored in ..."):
+    # seen with SQLAlchemy's weakref callbacks, a training then ran on after Ctrl-C. The handler records every
+    # Ctrl-C; the training callback raises it again at the next batch boundary.
+    from metriclab.core import interrupt
+    from metriclab.jobs.entry import SigintWatch
+    from metriclab.training.callbacks import RaiseSwallowedInterrupt
+
+    interrupt.clear()
+    callback = RaiseSwallowedInterrupt()
+    callback.on_train_batch_end(None, None, None, None, 0)  # nothing recorded: nothing raised
+    watch = SigintWatch()
+    with pytest.raises(KeyboardInterrupt):
+        watch.handler(signal.SIGINT, None)  # what Python calls on Ctrl-C: records, then raises
+    assert watch.received and interrupt.pending()
+    try:
+        for hook in (callback.on_train_batch_start, callback.on_train_batch_end, callback.on_validation_batch_end,
+                     callback.on_train_epoch_end):
+            with pytest.raises(KeyboardInterrupt):
+                hook(None, None, None, None, 0)
+    finally:
+        interrupt.clear()

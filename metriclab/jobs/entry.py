@@ -38,6 +38,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException, Sea
 from omegaconf import DictConfig, OmegaConf
 
 import metriclab.core.config  # noqa: F401  (registers the resolvers before Hydra composes)
+from metriclab.core import interrupt
 from metriclab.core.errors import ConfigError
 from metriclab.jobs.checks import check_config
 from metriclab.tracking.status import FAILED, KILLED, SIGTERM_EXIT_CODE, JobTerminated
@@ -93,6 +94,7 @@ class SigintWatch:
 
     def handler(self, signum: int, frame: Any) -> None:
         self.received = True
+        interrupt.record()  # re-raised at the next training step if Python swallows the one raised here
         signal.default_int_handler(signum, frame)
 
     def install(self) -> bool:
@@ -100,6 +102,15 @@ class SigintWatch:
             signal.signal(signal.SIGINT, self.handler)
         except ValueError:  # not the main thread: leave signals alone
             return False
+        previous = sys.unraisablehook
+
+        def quiet_swallowed_interrupt(unraisable: Any) -> None:
+            # a Ctrl-C raised inside a garbage-collection callback is dropped by Python with a traceback on stderr;
+            # it is raised again at the next training step (metriclab.core.interrupt): print nothing for it
+            if unraisable.exc_type is not KeyboardInterrupt:
+                previous(unraisable)
+
+        sys.unraisablehook = quiet_swallowed_interrupt
         return True
 
 

@@ -41,6 +41,7 @@ from metriclab.training.callbacks import (
     CheckpointMetadata,
     FreezeBackbone,
     PublishValidation,
+    RaiseSwallowedInterrupt,
     TrainingMetrics,
     ValidateEveryRow,
     ValidateLastEpoch,
@@ -186,7 +187,8 @@ def build_loop(cfg: DictConfig, checked: Checked, tracked: TrackedRun, val_data:
     meta = CheckpointMeta(extractor_cfg=extractor_cfg,
                           run_dir=str(checked.run_dir), mlflow_run_id=tracked.mlflow_run_id if is_main else None)
     callbacks = [best, last, TrainingMetrics(tracked if is_main else None), publisher, ValidateLastEpoch(),
-                 ValidateEveryRow(), CheckpointMetadata(meta, publisher, target_fmr, checked.evaluation.distance)]
+                 ValidateEveryRow(), RaiseSwallowedInterrupt(),
+                 CheckpointMetadata(meta, publisher, target_fmr, checked.evaluation.distance)]
     if cfg.get("freeze_n_epochs"):
         callbacks.append(FreezeBackbone(int(cfg.freeze_n_epochs), head=cfg.get("head")))
     # checkpoints written beside their final name and renamed, never half-written (see AtomicCheckpointIO)

@@ -19,6 +19,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
+from metriclab.core import interrupt
 from metriclab.core.checkpoint import CHECKPOINT_META_KEY, CheckpointMeta
 from metriclab.core.compat import ddp_finds_unused_parameters
 from metriclab.data.datasets import ValidationData
@@ -159,6 +160,23 @@ class ValidateLastEpoch(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._every is not None:
             trainer.check_val_every_n_epoch, self._every = self._every, None
+
+
+class RaiseSwallowedInterrupt(pl.Callback):
+    """A Ctrl-C whose KeyboardInterrupt Python dropped (raised inside a garbage-collection callback) is raised again
+    at the next batch boundary (`metriclab.core.interrupt`), where Lightning turns it into a clean stop."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        interrupt.raise_if_pending()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        interrupt.raise_if_pending()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        interrupt.raise_if_pending()
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        interrupt.raise_if_pending()
 
 
 class ValidateEveryRow(pl.Callback):
