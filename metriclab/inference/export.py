@@ -30,8 +30,9 @@ from metriclab.core.checkpoint import CheckpointMeta
 from metriclab.core.config import build
 from metriclab.core.constants import VALIDATION_SPLIT
 from metriclab.core.errors import ConfigError
+from metriclab.core.paths import contract_path
 from metriclab.data.contract import read_dataset_csv
-from metriclab.inference.onnx_model import contract_path, open_session
+from metriclab.inference.onnx_model import open_session
 from metriclab.inference.search_index import file_sha256
 from metriclab.models.extractors import load_checkpoint
 from metriclab.models.tta import normalises

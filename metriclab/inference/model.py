@@ -12,8 +12,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metriclab.core.checkpoint import CheckpointMeta
+from metriclab.core.paths import contract_path
 from metriclab.inference.embed import DEFAULT_PRECISION, check_precision, resolve_device
-from metriclab.inference.onnx_model import contract_path, load_onnx_extractor
+from metriclab.inference.onnx_model import load_onnx_extractor
 from metriclab.inference.search_index import file_sha256
 from metriclab.models.extractors import build_extractor_for_inference, extractor_constructor_cfg
 

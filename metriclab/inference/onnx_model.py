@@ -18,16 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metriclab.core.errors import ConfigError
+from metriclab.core.paths import contract_path
 
 log = logging.getLogger(__name__)
 
 #: the contract keys a model.json must hold for validate / predict to run the model
 REQUIRED_CONTRACT_KEYS = ("input_name", "output_name", "input_size", "embedding_size", "transforms_val")
-
-
-def contract_path(model: Path | str) -> Path:
-    """model.onnx -> model.json (the preprocessing contract is the file beside it with the same stem)."""
-    return Path(model).with_suffix(".json")
 
 
 def read_contract(model: Path | str) -> Dict[str, Any]:
@@ -139,5 +135,5 @@ def load_onnx_extractor(model: Path | str, device: Any = "auto") -> OnnxExtracto
     return OnnxExtractor(model, contract, onnx_providers(device), torch.get_num_threads())
 
 
-__all__ = ["OnnxExtractor", "REQUIRED_CONTRACT_KEYS", "contract_path", "load_onnx_extractor", "onnx_providers",
+__all__ = ["OnnxExtractor", "REQUIRED_CONTRACT_KEYS", "load_onnx_extractor", "onnx_providers",
            "open_session", "read_contract", "with_model_contract"]

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metriclab.core.errors import ConfigError
+from metriclab.core.paths import contract_path
 
 #: Config groups taken from the chosen run (unless given on the command line): they define what it measured.
 RUN_GROUPS = ("dataset", "transforms", "evaluation", "extractor")
@@ -132,7 +133,7 @@ def find_run(cfg: DictConfig) -> Optional[Tuple[DictConfig, Optional[Path], str]
 
 def _model_run(model: Path) -> Tuple[DictConfig, Optional[Path], str]:
     """The training run an exported model's contract (model.json beside it) names, for its dataset."""
-    contract = model.with_suffix(".json")
+    contract = contract_path(model)
     try:
         run_dir = json.loads(contract.read_text()).get("training_run_dir")
     except (OSError, ValueError, AttributeError):
