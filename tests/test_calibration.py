@@ -134,3 +134,17 @@ def test_rates_outside_zero_one_are_config_errors(tmp_path, override, key):
     group = key.split(".")[0]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build(cfg[group], group)
+
+
+def test_validate_reports_and_draws_the_calibration_target(trained, tmp_path):
+    from metriclab.jobs.validate import validate
+
+    out = validate(compose_cfg("validate", [
+        f"paths.outputs_dir={tmp_path}/outputs", f"paths.run_dir={tmp_path}/v", f"dataset.root={trained['root']}",
+        f"ckpt={trained['ckpt']}", "transforms=digits", "num_threads=1", "evaluation.tsne=false",
+        "calibration.target_fmr=0.05", "logger=tensorboard"]))
+    # 0.05 is not in evaluation.fmr_vals: it is computed because calibration names it
+    assert {"threshold@fmr_0.05", "fnmr@fmr_0.05"} <= set(out["metrics"])
+    t = out["metrics"]["threshold@fmr_0.05"]
+    assert out["metrics"]["threshold@fmr_0.01"] <= t <= out["metrics"]["threshold@fmr_0.1"]
+    assert (tmp_path / "v" / "plots" / "epoch_000" / "distances.png").stat().st_size > 5000

@@ -146,6 +146,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     seed_everything(cfg.get("seed"))
     evaluation = build(cfg.evaluation, "evaluation")  # EvaluationConfig: a misspelt key fails before the run
+    target_fmr = build(cfg.get("calibration"), "calibration").target_fmr  # its threshold is reported and drawn
     postprocess = steps_from_config(cfg.get("postprocess"))
     inputs = read_inputs(cfg)
     check_sizes(postprocess, int(inputs.data.is_query.sum()), int(inputs.data.is_gallery.sum()))
@@ -154,11 +155,13 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
     with tracked_run(cfg, run_dir, run_name, overrides) as tracked:
         extractor = load_extractor(cfg) if inputs.embeddings_file is None else None
         embeddings, epoch, source = embed_validation_rows(cfg, inputs, extractor)
-        report = evaluate_validation(embeddings, inputs.data, evaluation, postprocess)
+        report = evaluate_validation(embeddings, inputs.data, evaluation, postprocess, target_fmr)
         for name, data in inputs.extra.items():  # cross-dataset: each set under its name
             extra_emb = embed_rows(cfg, extractor, data, f"extra_validation.{name}", evaluation.flip_tta)
-            report.metrics.update(prefixed(name, evaluate_validation(extra_emb, data, evaluation, postprocess).metrics))
-        publish_validation(report, embeddings, inputs.data, evaluation, tracked, run_dir, epoch=epoch)
+            report.metrics.update(prefixed(name, evaluate_validation(extra_emb, data, evaluation, postprocess,
+                                                                          target_fmr).metrics))
+        publish_validation(report, embeddings, inputs.data, evaluation, tracked, run_dir, epoch=epoch,
+                           target_fmr=target_fmr)
         metrics = {k: float(v) for k, v in report.metrics.items()}
         if cfg.get("export_embeddings"):
             save_embeddings_npz(run_dir / "embeddings.npz", embeddings, inputs.data)

@@ -125,7 +125,7 @@ class PublishValidation(pl.Callback):
         report = evaluate_validation(embeddings, self.val_data, self.eval_cfg, self.postprocess, self.target_fmr)
         for i, (name, data) in enumerate(self.extra_val.items(), start=1):  # every rank, in order: a collective
             extra = evaluate_validation(module.validation_embeddings(len(data.df), i), data, self.eval_cfg,
-                                        self.postprocess)
+                                        self.postprocess, self.target_fmr)
             report.metrics.update(prefixed(name, extra.metrics))
         metrics = {k: float(v) for k, v in report.metrics.items()}
         self.metrics, self.embeddings = metrics, embeddings
