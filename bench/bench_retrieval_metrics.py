@@ -40,18 +40,20 @@ map@k / precision@k, kNN accuracy, pcf) against the plain Q×G×D matrix product
 (`RetrievalResults.from_embeddings(n_items=G)` + `calc_retrieval_metrics_rr(map_top_k=(G,))`), produced by
 `bench/bench_retrieval_metrics.py`.
 
-How the engine stays close to the matmul: queries go in blocks (default: a block's float32 distances ≤ 64 MB, one
-reused buffer); a block's distances come from one `addmm` (`|g|² − 2q·g`: the row constant `|q|²` cannot change a
-ranking); exclusions and true matches are sparse (query, gallery) pairs built from grouped labels / sequences / ids,
-never Q×G masks; `torch.topk` gives the kept top-k; then a copy of every row is sorted with numpy's SIMD sort (rows
-split over the cores) and the rank of each true match is a binary search in its sorted row, so mAP, mINP, CMC,
-map@k and precision@k all come from the true matches' ranks. The embeddings are centred first, and where float32
-keys are within their rounding bound of a true match's key (or of the k-th key) those items are ordered by float64
-distances, so the ranking is the exact one. Random embeddings at this size are the hard case for that check: true
-matches sit in the middle of their row's distances, where keys are densest, so 85–100 % of the rows hold an item
-within the bound of a true match and are re-ranked in float64; with clustered embeddings (true matches near the
-top, as with a trained model) few rows are. pcf uses the covariance eigenvalues (a chunked D×D Gram) instead of
-OML's SVD of the whole N×D matrix, with OML's component count. Only per-query numbers are kept.
+How the engine stays close to the matmul: queries go in blocks (default: a block's float32 distances ≤ 32 MB, one
+reused buffer, allocated through numpy so it gets huge pages); a block's distances come from one `addmm`
+(`|g|² − 2q·g`: the row constant `|q|²` cannot change a ranking); exclusions and true matches are sparse (query,
+gallery) pairs built from grouped labels / sequences / ids, never Q×G masks. Each row's keys are then packed with
+their gallery indices into int64s (key order in the high half) and sorted with numpy's SIMD sort (rows split over
+the cores): the top-k list is the first items of a row, and the rank of each true match is a binary search in its
+sorted row, so mAP, mINP, CMC, map@k and precision@k all come from the true matches' ranks. The embeddings are
+centred first, and where float32 keys are within their rounding bound of a true match's key (or of the k-th key)
+those items — one contiguous run of the sorted row — are ordered by float64 distances, so the ranking is the exact
+one. Random embeddings at this size are the hard case for that check: true matches sit in the middle of their
+row's distances, where keys are densest, so 85–100 % of the rows hold an item within the bound of a true match and
+are re-ranked in float64; with clustered embeddings (true matches near the top, as with a trained model) few rows
+are. pcf uses the covariance eigenvalues (a chunked D×D Gram) instead of OML's SVD of the whole N×D matrix, with
+OML's component count. Only per-query numbers are kept.
 """
 MARKET = dict(n_query=3368, n_gallery=19732, dim=512, n_ids=1500)
 BIG = dict(n_query=60000, n_gallery=60000, dim=512, n_ids=6000)

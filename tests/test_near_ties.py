@@ -125,3 +125,83 @@ def test_oml_cmc_with_samples_cases_are_exact(error_rate):
     got = run(q, g, q_lab, g_lab, cmc_top_k=(1,)).metrics["cmc@1"]
     assert got == exact_cmc1
     assert abs(got - (1 - error_rate)) <= 0.05  # OML's own check, on the exact value
+
+
+def test_order_keys_orders_and_ties_like_the_floats():
+    from metriclab.evaluation.exact import order_keys
+
+    rng = np.random.default_rng(5)
+    special = np.float32([0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0])
+    values = np.concatenate([special, rng.normal(scale=1e3, size=2000).astype(np.float32),
+                             rng.choice(special, 500)])
+    mapped = order_keys(values)
+    assert mapped.dtype == np.int32
+    # the same order and the same ties: -0.0 and +0.0 are one value, as for floats
+    np.testing.assert_array_equal(np.argsort(mapped, kind="stable"), np.argsort(values, kind="stable"))
+    np.testing.assert_array_equal(mapped[:, None] == mapped[None, :], values[:, None] == values[None, :])
+
+
+def test_sorted_block_counts_and_runs_equal_brute_force():
+    from metriclab.evaluation.exact import SortedBlock
+
+    rng = np.random.default_rng(6)
+    key = rng.integers(-20, 20, size=(7, 50)).astype(np.float32) / 4  # many equal keys
+    key[rng.random(key.shape) < 0.1] = np.inf  # excluded items
+    buffer = np.empty((9, 50), dtype=np.int64)
+    block = SortedBlock(key, buffer)
+    rows = np.repeat(np.arange(7), 6)
+    values = rng.integers(-24, 24, size=len(rows)).astype(np.float32) / 4
+    want = (key[rows] <= values[:, None]).sum(1)
+    np.testing.assert_array_equal(block.count_le(rows, values), want)
+    # a run of sorted positions holds the items of that key range, each with its own gallery index
+    lo, hi = values - 1, values + 1
+    start, end = block.count_le(rows, lo), block.count_le(rows, hi)
+    got_rows, got_cols = block.runs(rows, start, end)
+    at = 0
+    for r, a, b, s, e in zip(rows, lo, hi, start, end):
+        cols = got_cols[at : at + e - s]
+        at += e - s
+        assert (got_rows[at - (e - s) : at] == r).all()
+        np.testing.assert_array_equal(np.sort(cols), np.flatnonzero((key[r] > a) & (key[r] <= b)))
+    # within a run, equal keys come in gallery-index order
+    first = block.cols(np.arange(7), np.zeros(7, dtype=np.int64))
+    np.testing.assert_array_equal(first, np.lexsort((np.arange(50)[None].repeat(7, 0), key), axis=1)[:, 0])
+
+
+@pytest.mark.parametrize("block_size", [3, None])
+def test_grid_embeddings_full_of_ties_and_near_ties_match_float64_reference(block_size):
+    # coordinates on a coarse grid far from the origin: many exactly equal distances (pessimistic ties) next to
+    # distances that differ by less than float32 can tell at this offset, with windows overlapping in every row
+    rng = np.random.default_rng(7)
+    n_q, n_g, dim = 40, 300, 3
+    g = (3e3 + rng.integers(0, 4, size=(n_g, dim)) + 1e-3 * rng.integers(0, 2, size=(n_g, dim))).astype(np.float32)
+    q = (3e3 + rng.integers(0, 4, size=(n_q, dim))).astype(np.float32)
+    g_lab, q_lab = rng.integers(0, 5, n_g), rng.integers(0, 5, n_q)
+    report = run(q, g, q_lab, g_lab, cmc_top_k=(1, 5), block_size=block_size, keep_top_k=15)
+    want = reference(q, g, q_lab, g_lab)
+    for name, value in want.items():
+        assert report.metrics[name] == pytest.approx(value, abs=1e-12), name
+    d = ((q.astype(np.float64)[:, None] - g.astype(np.float64)[None]) ** 2).sum(2)
+    true = q_lab[:, None] == g_lab[None]
+    order = np.array([np.lexsort((np.arange(n_g), true[i], d[i])) for i in range(n_q)])[:, :15]
+    np.testing.assert_array_equal(report.topk_ids, order)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_split_across_threads_give_the_same_report(threads):
+    # the engine splits each block's rows across torch.get_num_threads() worker threads after the matrix product
+    rng = np.random.default_rng(8)
+    g = (3e3 + rng.integers(0, 4, size=(300, 3)) + 1e-3 * rng.integers(0, 2, size=(300, 3))).astype(np.float32)
+    q = (3e3 + rng.integers(0, 4, size=(41, 3))).astype(np.float32)
+    g_lab, q_lab = rng.integers(0, 5, 300), rng.integers(0, 5, 41)
+    one = run(q, g, q_lab, g_lab, cmc_top_k=(1, 5), block_size=7, keep_top_k=15)
+    torch.set_num_threads(threads)
+    try:
+        split = run(q, g, q_lab, g_lab, cmc_top_k=(1, 5), block_size=7, keep_top_k=15)
+    finally:
+        torch.set_num_threads(1)
+    assert split.metrics == one.metrics
+    np.testing.assert_array_equal(split.topk_ids, one.topk_ids)
+    np.testing.assert_array_equal(split.topk_distances, one.topk_distances)
+    np.testing.assert_array_equal(split.per_query.to_numpy(), one.per_query.to_numpy())
+    assert split.metrics["mAP"] == pytest.approx(reference(q, g, q_lab, g_lab)["mAP"], abs=1e-12)

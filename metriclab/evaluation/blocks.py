@@ -13,8 +13,9 @@ import pandas as pd
 
 from metriclab.evaluation.inputs import CheckedInputs
 
-# Default block: the distances of one block of queries stay within this many bytes (float32).
-BLOCK_BYTES = 64 * 2**20
+# Default block: the distances of one block of queries stay within this many bytes (float32). The exact backend
+# keeps twice as much again beside them (each item's key packed with its gallery index, 8 bytes): 96 MB per block.
+BLOCK_BYTES = 32 * 2**20
 # A block is also cut so that its (query, gallery) true-match / exclusion pairs stay bounded (few labels, big
 # galleries).
 PAIR_BUDGET = 2_000_000

@@ -6,6 +6,7 @@ and among items of the same kind the lower gallery index comes first.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -30,13 +31,6 @@ def count_le_in_segments(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarr
     return lo
 
 
-def count_le_in_sorted_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """For each (row, value): how many entries of sorted_rows[row] are <= value (vectorised binary search)."""
-    n_cols = sorted_rows.shape[1]
-    lengths = np.full(len(rows), n_cols, dtype=np.int64)
-    return count_le_in_segments(sorted_rows.reshape(-1), rows * n_cols, lengths, values)
-
-
 def count_le_by_row(item_rows: np.ndarray, item_values: np.ndarray, rows: np.ndarray, values: np.ndarray,
                     n_rows: int) -> np.ndarray:
     """For each (row, value): how many of the items (item_rows, item_values) in that row have a value <= it."""
@@ -54,23 +48,11 @@ def window_bounds(values: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
-def near_tie_rows(rows: np.ndarray, values: np.ndarray, tol: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
-    """Rows where a wrong item's key lies within `tol` of a true match's key (rows, values: the true matches' keys;
-    tol: the key error bound of each): float32 cannot say which of the two is nearer, so those rows are re-ranked
-    exactly. Items outside every such window are ordered correctly by their float32 keys."""
-    n_rows = sorted_rows.shape[0]
-    lo, hi = window_bounds(values, tol)
-    in_window = count_le_in_sorted_rows(sorted_rows, rows, hi) - count_le_in_sorted_rows(sorted_rows, rows, lo)
-    true_in_window = count_le_by_row(rows, values, rows, hi, n_rows) - count_le_by_row(rows, values, rows, lo, n_rows)
-    near = np.zeros(n_rows, dtype=bool)
-    near[rows[in_window > true_in_window]] = True
-    return near
-
-
 def pessimistic_ranks(
-    rows: np.ndarray, values: np.ndarray, sorted_rows: np.ndarray
+    rows: np.ndarray, values: np.ndarray, count_le: Callable[[np.ndarray, np.ndarray], np.ndarray], n_rows: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ranks of the true matches (rows, their distance keys) given each row's sorted keys of all non-excluded items.
+    """Ranks of the true matches (rows, their distance keys) of a block of `n_rows` rows; `count_le(rows, values)`:
+    how many non-excluded items of each row have a key <= the value.
 
     Returns rows, k (0-based position among the row's true matches) and rank (1-based), grouped by row, k ascending.
     rank_k = (k + 1) + #wrong items with key <= key_k (wrong items first in ties).
@@ -81,7 +63,7 @@ def pessimistic_ranks(
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    row_counts = np.bincount(rows, minlength=sorted_rows.shape[0])
+    row_counts = np.bincount(rows, minlength=n_rows)
     row_first = np.cumsum(row_counts) - row_counts
     k = np.arange(n, dtype=np.int64) - row_first[rows]
     # true matches with key <= own key (the whole tie group of true matches counts)
@@ -90,7 +72,7 @@ def pessimistic_ranks(
     group_id = np.cumsum(new_group) - 1
     group_end = np.append(np.flatnonzero(new_group)[1:], n)
     true_le = group_end[group_id] - row_first[rows]
-    all_le = count_le_in_sorted_rows(sorted_rows, rows, values)
+    all_le = count_le(rows, values)
     rank = all_le - true_le + k + 1
     return rows, k, rank
 
@@ -123,5 +105,5 @@ def knn_correct(top_labels: np.ndarray, top_valid: np.ndarray, query_labels: np.
     return out
 
 
-__all__ = ["count_le_by_row", "count_le_in_segments", "count_le_in_sorted_rows", "knn_correct", "near_tie_rows",
-           "order_topk", "pessimistic_ranks", "window_bounds"]
+__all__ = ["count_le_by_row", "count_le_in_segments", "knn_correct", "order_topk", "pessimistic_ranks",
+           "window_bounds"]
